@@ -1,0 +1,215 @@
+"""Dataclass configs: *what* to train (data, teacher, student, prompt, KD) kept apart from *how* it is
+distributed (DistConfig). Defaults are documented here; per-dataset YAML files under
+`promptmm_dist/configs/` override them, and `--set section.key=value` overrides those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promptmm_dist.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class PromptConfig:
+    """Soft prompt module (DESIGN 2): hard tokens from PCA of item features, Linear soft prompts."""
+
+    soft_token_rate: float = 0.1  # lambda_s: ID prompt, E^0 = E + lambda_s * norm(P)
+    feat_soft_token_rate: float = 0.1  # lambda_f: feature prompt, X~ = X + lambda_f * norm(P_i (P_i^T X))
+    prompt_dropout: float = 0.1
+    lambda_p: float = 0.01  # prompt BPR term in the teacher loss
+    lr: float = 1e-3  # prompt learning rate (teacher stage and prompt rounds)
+    refresh_epochs: int = 0  # student stage: a prompt round every N epochs; 0 freezes the prompt
+    round_steps: int = 20  # optimiser steps per prompt round
+
+
+@dataclass
+class TeacherConfig:
+    """PromptMM teacher: per-modality encoders + graph propagation + fusion, trained with BPR."""
+
+    embed_dim: int = 64
+    n_layers: int = 2  # LightGCN layers for ID embeddings
+    modal_layers: int = 1  # propagation layers for modality embeddings
+    dropout: float = 0.2  # encoder dropout (off when producing KD targets: eval mode)
+    lambda_c: float = 1.0  # fusion weight of the modality embeddings
+    lambda_m: float = 0.1  # weight of the per-modality BPR terms
+    weight_decay: float = 1e-4  # L2 on the batch embeddings
+    lr: float = 1e-3
+    batch_size: int = 2048
+    epochs: int = 60
+    patience: int = 10  # epochs without validation improvement before stopping
+    eval_every: int = 1
+    norm: str = "sym"  # adjacency normalisation: sym = D^-1/2 A D^-1/2, left = D^-1 A (authors')
+
+
+@dataclass
+class StudentConfig:
+    """LightGCN student and the distillation losses (DESIGN 2)."""
+
+    embed_dim: int = 64  # d_S; a training-only projector maps it to the teacher size when they differ
+    n_layers: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 2048
+    epochs: int = 100
+    patience: int = 15
+    eval_every: int = 1
+    tau: float = 2.0  # KD temperature
+    lambda_pair: float = 0.5
+    lambda_list: float = 0.5
+    lambda_emb: float = 0.1
+    emb_alpha: float = 2.0  # exponent of the scaled cosine error
+    neg_sample_num: int = 10  # negatives per list (never a training item of the user)
+    list_users_per_batch: int = 1024  # users with a KD list per optimiser step
+    list_kd: str = "reweighted"  # reweighted (modality-aware, DESIGN) | dkd (constant alpha/beta)
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    init_from_teacher: bool = False  # explicit, reported option
+    norm: str = "sym"
+    smooth_window: int = 1  # model selection on a moving average of validation recall@20 (1 = raw)
+
+
+@dataclass
+class DataConfig:
+    path: str = "synthetic"  # a dataset folder (any supported layout) or "synthetic"
+    format: str = "auto"
+    modalities: list[str] | None = None  # None = every modality found
+
+
+@dataclass
+class DistConfig:
+    """How the run is distributed. Nothing here changes the math."""
+
+    num_workers: int = 0  # Ray Train workers; 0 = run the loop in the driver (Train local mode)
+    num_shards: int = 1  # InteractionShard actors (users assigned by user % num_shards)
+    num_teacher_workers: int = 1  # TeacherWorker actors producing the KD cache
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local single-node Ray
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    storage_path: str | None = None  # Ray Train storage; default: <out>/ray
+
+
+@dataclass
+class Config:
+    seed: int = 2024
+    out: str = "runs/latest"
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the type of the default it replaces."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return bool(value)
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
+    return value
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + key!r} is a section; give a mapping")
+            _apply(current, value, prefix + key + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, prefix + key))
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`student.tau=4` -> {"student": {"tau": 4}} (values parsed as YAML scalars)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def dataset_defaults_path(data_path: str) -> Path | None:
+    """The per-dataset YAML shipped with the package, chosen by the dataset folder's name."""
+    name = "synthetic" if data_path == "synthetic" else Path(data_path).name.lower()
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    return candidate if candidate.exists() else None
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data_path: str | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults <- dataset YAML <- config file <- base dict <- --set overrides."""
+    cfg = Config()
+    if data_path is not None:
+        cfg.data.path = data_path
+    layers: list[dict[str, Any]] = []
+    ds_yaml = dataset_defaults_path(cfg.data.path)
+    if ds_yaml is not None:
+        layers.append(yaml.safe_load(ds_yaml.read_text()) or {})
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            layers.append(yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if base:
+        layers.append(base)
+    for item in overrides or []:
+        layers.append(parse_override(item))
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise ConfigError("a config file must hold a mapping at the top level")
+        _apply(cfg, layer)
+    if data_path is not None:
+        cfg.data.path = data_path
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, d)
+    return cfg
+
+
+def dumps_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)

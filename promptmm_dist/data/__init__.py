@@ -1,0 +1,1 @@
+"""Data stage: readers, validation, canonical layout, synthetic generator, shards and the graph."""
