@@ -1,0 +1,85 @@
+"""The normalised user-item bipartite graph shared by the teacher, the student and the baselines.
+
+A = [[0, R], [R^T, 0]] over U + I nodes (users first). `sym` is D^-1/2 A D^-1/2 (LightGCN, the
+default); `left` is D^-1 A, the authors' one-sided variant, offered for comparison.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def normalized_adjacency(train_csr: sp.csr_matrix, norm: str = "sym") -> sp.csr_matrix:
+    """Normalised (U+I) x (U+I) adjacency as scipy CSR (float32); isolated nodes keep zero rows."""
+    n_users, n_items = train_csr.shape
+    r = train_csr.astype(np.float32)
+    adj = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    with np.errstate(divide="ignore"):
+        if norm == "sym":
+            d = np.where(deg > 0, deg ** -0.5, 0.0).astype(np.float32)
+            out = sp.diags(d) @ adj @ sp.diags(d)
+        elif norm == "left":
+            d = np.where(deg > 0, 1.0 / deg, 0.0).astype(np.float32)
+            out = sp.diags(d) @ adj
+        else:
+            raise ValueError(f"unknown adjacency normalisation {norm!r} (use 'sym' or 'left')")
+    out = out.tocsr().astype(np.float32)
+    out.sort_indices()
+    return out
+
+
+def to_torch_sparse(m: sp.csr_matrix) -> torch.Tensor:
+    """scipy CSR -> torch sparse CSR tensor (fast sparse @ dense on CPU, autograd-friendly)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data.astype(np.float32)),
+            size=m.shape,
+            check_invariants=False,
+        )
+
+
+def row_normalized(train_csr: sp.csr_matrix) -> sp.csr_matrix:
+    """D_u^-1 R: each user row averages its training items (users' hard tokens, modality init)."""
+    deg = np.asarray(train_csr.sum(axis=1)).ravel()
+    inv = np.where(deg > 0, 1.0 / np.maximum(deg, 1), 0.0).astype(np.float32)
+    out = (sp.diags(inv) @ train_csr).tocsr().astype(np.float32)
+    out.sort_indices()
+    return out
+
+
+class GraphPropagator:
+    """One `propagate(x)` call = one hop over the normalised graph.
+
+    Everything that walks the graph goes through this object, so a row-partitioned version (each
+    rank multiplies its own node rows, then all-gathers) can replace this replicated one without
+    touching the models or the training loops.
+    """
+
+    def __init__(self, adj: sp.csr_matrix, n_users: int, n_items: int) -> None:
+        self.n_users = n_users
+        self.n_items = n_items
+        self.adj = to_torch_sparse(adj)
+
+    @classmethod
+    def from_train(cls, train_csr: sp.csr_matrix, norm: str = "sym") -> "GraphPropagator":
+        return cls(normalized_adjacency(train_csr, norm), *train_csr.shape)
+
+    def propagate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adj @ x
+
+    def layer_mean(self, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """LightGCN readout: mean of x0, Ax0, ..., A^L x0."""
+        acc = x0
+        x = x0
+        for _ in range(n_layers):
+            x = self.propagate(x)
+            acc = acc + x
+        return acc / (n_layers + 1)

@@ -1,0 +1,86 @@
+"""InteractionShard actors: user-sharded training interactions (user % N == k) read from the
+canonical Parquet, serving per-epoch samples (BPR triples + KD lists) and evaluation users.
+
+The shard is the unit the teacher cache and the student ranks are keyed by: rank r of the student
+trains on the shards assigned to it, so every user's samples live in exactly one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from promptmm_dist.data.dataset import TEST, TRAIN, VAL, InteractionData
+from promptmm_dist.data.sampling import SampleBatch, TrainSampler
+
+
+def read_shard(parquet: Path, shard: int, num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, splits) of the shard's users, read batch by batch so memory stays bounded."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for batch in pq.ParquetFile(str(parquet)).iter_batches(batch_size=1 << 20, columns=["user", "item", "split"]):
+        users = batch.column(0).to_numpy()
+        keep = (users % num_shards) == shard
+        parts.append((users[keep], batch.column(1).to_numpy()[keep], batch.column(2).to_numpy()[keep]))
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int8)
+    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+
+
+class ShardState:
+    """A shard's interactions and samplers (plain object, wrapped as a Ray actor below)."""
+
+    def __init__(self, parquet: str, shard: int, num_shards: int, n_users: int, n_items: int) -> None:
+        self.shard, self.num_shards = shard, num_shards
+        users, items, splits = read_shard(Path(parquet), shard, num_shards)
+        self.n_users, self.n_items = n_users, n_items
+        self.all_users = np.arange(shard, n_users, num_shards, dtype=np.int64)
+        train = splits == TRAIN
+        r = sp.csr_matrix((np.ones(int(train.sum()), np.float32), (users[train], items[train])),
+                          shape=(n_users, n_items))
+        r.sum_duplicates()
+        self.train_csr = r
+        self.sampler = TrainSampler(r)
+        self.eval_pairs = {"val": (users[splits == VAL], items[splits == VAL]),
+                           "test": (users[splits == TEST], items[splits == TEST])}
+        self._local = InteractionData(f"shard{shard}", n_users, n_items, users, items, splits)
+        self._eval = None
+
+    def info(self) -> dict:
+        return {"shard": self.shard, "users": len(self.all_users), "train_pairs": self.sampler.n_pairs,
+                "val_users": int(len(np.unique(self.eval_pairs["val"][0]))),
+                "test_users": int(len(np.unique(self.eval_pairs["test"][0])))}
+
+    def users(self) -> np.ndarray:
+        return self.all_users
+
+    def epoch_samples(self, n_neg: int, seed: int) -> SampleBatch:
+        """Every training pair of the shard once, shuffled, with n_neg negatives never in the user's train."""
+        return self.sampler.epoch(n_neg, seed)
+
+    def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.sampler.pair_users, self.sampler.pair_items
+
+    def eval_users(self, split: str) -> np.ndarray:
+        return np.unique(self.eval_pairs[split][0]).astype(np.int64)
+
+    def evaluate_sums(self, embeddings: tuple[np.ndarray, np.ndarray], split: str) -> tuple[dict, int]:
+        """Metric sums over this shard's users (masks from the shard's own interactions)."""
+        from promptmm_dist.eval.evaluate import EvalData, embedding_scorer, full_ranking_sums
+
+        if self._eval is None:
+            self._eval = EvalData.from_data(self._local, ("val", "test"))
+        user, item = embeddings
+        scorer = embedding_scorer(np.array(user), np.array(item))  # writable copies of the shared arrays
+        return full_ranking_sums(scorer, self._eval, split)
+
+
+def make_shard_actors(parquet: Path, num_shards: int, n_users: int, n_items: int, cpus: float = 0.1):
+    """One InteractionShard actor per shard (lightweight: a fraction of a CPU each)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=cpus)(ShardState)
+    return [actor_cls.options(name=None).remote(str(parquet), k, num_shards, n_users, n_items)
+            for k in range(num_shards)]

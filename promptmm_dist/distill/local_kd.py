@@ -1,0 +1,78 @@
+"""In-process KD sources: the same contract as the Ray cache, for the local single-process mode,
+the no-KD baseline, and the 'online' teacher of the cache benchmark."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from promptmm_dist.config import Config
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.sampling import TrainSampler
+from promptmm_dist.distill.prompt_rounds import prompt_round
+from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
+from promptmm_dist.train.steps import SoftRanking, soft_ranking
+
+
+def epoch_seed(seed: int, epoch: int, shard: int = 0) -> int:
+    """Sampling seed of (run seed, epoch, shard): identical wherever the samples are drawn."""
+    return int(np.random.SeedSequence([seed, epoch, shard]).generate_state(1)[0])
+
+
+class NoKD:
+    """Plain BPR samples (the LightGCN / MF baselines)."""
+
+    def __init__(self, sampler: TrainSampler, cfg: Config, shard: int = 0) -> None:
+        self.sampler, self.cfg, self.shard = sampler, cfg, shard
+
+    def epoch(self, epoch: int):
+        s = self.sampler.epoch(1, epoch_seed(self.cfg.seed, epoch, self.shard))
+        empty = np.zeros(0, dtype=np.float32)
+        return SoftRanking(s.users, s.items, {}, empty, empty), None, False
+
+    def after_epoch(self, epoch, user_emb, item_emb):
+        return None
+
+
+class InProcessTeacherKD:
+    """The frozen teacher in this process. `online=False` computes one forward per cache version
+    (what the Ray cache does); `online=True` recomputes it at every epoch like the authors' code does
+    at every step (the benchmark's reference point)."""
+
+    def __init__(self, teacher: PromptMMTeacher, graph: GraphPropagator, sampler: TrainSampler,
+                 cfg: Config, shard: int = 0, student=None) -> None:
+        self.teacher, self.graph, self.sampler, self.cfg, self.shard = teacher, graph, sampler, cfg, shard
+        self.student = student  # for the projector used in prompt rounds
+        self.version = 0
+        self._out: TeacherOutput | None = None
+        self._prompt_opt = torch.optim.Adam(teacher.prompt.parameters(), lr=cfg.prompt.lr)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    def teacher_output(self) -> TeacherOutput:
+        if self._out is None:
+            self.teacher.eval()  # dropout off while producing KD targets
+            with torch.no_grad():
+                self._out = self.teacher(self.graph)
+        return self._out
+
+    def epoch(self, epoch: int):
+        s = self.sampler.epoch(self.cfg.student.neg_sample_num, epoch_seed(self.cfg.seed, epoch, self.shard))
+        out = self.teacher_output()
+        ranking = soft_ranking(out, s.users, s.items)
+        return ranking, dict(out.modal_item), True
+
+    def after_epoch(self, epoch: int, user_emb: torch.Tensor, item_emb: torch.Tensor):
+        every = self.cfg.prompt.refresh_epochs
+        if every <= 0 or (epoch + 1) % every != 0:
+            return None
+        for p in self.teacher.prompt.parameters():
+            p.requires_grad_(True)
+        info = prompt_round(self.teacher, self.graph, user_emb, item_emb,
+                            getattr(self.student, "projector", None), self.sampler, self.cfg,
+                            seed=epoch_seed(self.cfg.seed + 1, epoch, self.shard), optimizer=self._prompt_opt)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.version += 1
+        self._out = None
+        return {**info, "cache_version": self.version}

@@ -1,0 +1,241 @@
+"""The distributed pipeline on Ray (DESIGN 3): shards -> teacher (Ray Train) -> soft-ranking cache
+(TeacherWorker actors, object store) -> student (Ray Train DDP) with prompt rounds -> evaluation
+split across the shard actors.
+
+`--num-workers 0` runs the Train loops in the driver (Train local mode) with everything else the
+same, which is what most tests use.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from promptmm_dist.config import Config
+from promptmm_dist.data.dataset import InteractionData
+from promptmm_dist.data.graph import GraphPropagator, normalized_adjacency
+from promptmm_dist.data.shards import ShardState
+from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
+from promptmm_dist.distill.teacher_workers import TeacherWorker
+from promptmm_dist.eval.metrics import add_sums, finalize
+from promptmm_dist.models.student import LightGCN
+from promptmm_dist.run_io import load_state, write_history, write_json
+from promptmm_dist import ray_setup
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def canonical_parquet(data: InteractionData, cfg: Config, out: Path) -> Path:
+    """The shards read the canonical Parquet; write one for non-canonical sources."""
+    src = Path(cfg.data.path)
+    if cfg.data.path != "synthetic" and (src / "interactions.parquet").exists():
+        return src / "interactions.parquet"
+    from promptmm_dist.data.prepare import ensure_canonical
+
+    folder = out / "data"
+    if not (folder / "interactions.parquet").exists():
+        ensure_canonical(data, folder)
+    return folder / "interactions.parquet"
+
+
+class DistributedRun:
+    """Holds the Ray handles of one run; stages are methods so `run` and `tune` can reuse them."""
+
+    def __init__(self, data: InteractionData, cfg: Config, out: Path) -> None:
+        import ray
+
+        ray_setup.init_ray(cfg.dist)
+        self.data, self.cfg, self.out = data, cfg, out
+        t0 = time.perf_counter()
+        parquet = canonical_parquet(data, cfg, out)
+        shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS)(ShardState)
+        self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
+                       for k in range(cfg.dist.num_shards)]
+        self.shard_info = ray.get([s.info.remote() for s in self.shards])
+        self.total_pairs = sum(i["train_pairs"] for i in self.shard_info)
+        # shared once, read zero-copy by every worker
+        self.data_ref = ray.put(data)
+        self.adj_refs = {norm: ray.put(normalized_adjacency(data.train_csr, norm))
+                         for norm in {cfg.teacher.norm, cfg.student.norm}}
+        aux = ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers
+        self.cpus = ray_setup.cpus_per_worker(cfg.dist, aux)
+        self.timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+        log(f"ray: {len(self.shards)} shards ({', '.join(str(i['train_pairs']) for i in self.shard_info)} "
+            f"train pairs), {cfg.dist.num_workers} train workers x {self.cpus} CPU")
+
+    def _loop_config(self, norm: str) -> dict:
+        from promptmm_dist.pipeline import hard_token_cache
+
+        return {"cfg": self.cfg.to_dict(), "data_ref": self.data_ref, "adj_ref": self.adj_refs[norm],
+                "total_pairs": self.total_pairs, "threads": ray_setup.torch_threads(self.cpus),
+                "token_cache": str(hard_token_cache(self.cfg)), "num_shards": len(self.shards)}
+
+    def _fit(self, loop, name: str, config: dict):
+        from ray.train.torch import TorchTrainer
+
+        scaling, run = ray_setup.trainer_configs(self.cfg, name, self.out, self.cpus)
+        trainer = TorchTrainer(loop, train_loop_config=config, scaling_config=scaling, run_config=run)
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"{name}: no checkpoint was reported")
+        return result
+
+    def train_teacher(self) -> tuple[Path, dict]:
+        from promptmm_dist.train.teacher_trainer import teacher_train_loop
+
+        t0 = time.perf_counter()
+        config = {**self._loop_config(self.cfg.teacher.norm), "shards": self.shards}
+        result = self._fit(teacher_train_loop, "teacher", config)
+        folder = self.out / "teacher"
+        with result.checkpoint.as_directory() as d:
+            _copy_tree(Path(d), folder)
+        teacher = self.load_teacher(folder)
+        with torch.no_grad():
+            o = teacher(GraphPropagator.from_train(self.data.train_csr, self.cfg.teacher.norm))
+        metrics = self.evaluate(o.user, o.item)
+        hist = _history(result)
+        meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
+                "train_seconds": time.perf_counter() - t0, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+                "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
+        write_json(folder / "meta.json", meta)
+        write_history(folder / "history.jsonl", hist)
+        self.timings["teacher_s"] = time.perf_counter() - t0
+        return folder, meta
+
+    def load_teacher(self, folder: Path):
+        from promptmm_dist.pipeline import load_teacher
+
+        return load_teacher(self.data, self.cfg, folder)
+
+    def distill(self, teacher_folder: Path) -> dict:
+        import ray
+        from promptmm_dist.distill.student_trainer import student_train_loop
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        ckpt = str((teacher_folder / "teacher.pt").resolve())
+        worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS)(TeacherWorker)
+        workers = [worker_cls.remote(self.data_ref, cfg.to_dict(), ckpt) for _ in range(cfg.dist.num_teacher_workers)]
+        directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote()
+        n_ranks = max(cfg.dist.num_workers, 1)
+        cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
+                                 cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log).start()
+        config = {**self._loop_config(cfg.student.norm), "directory": directory}
+        if cfg.student.init_from_teacher:
+            config["init_ref"] = ray.put(ray.get(workers[0].final_embeddings.remote()))
+        try:
+            result = self._fit(student_train_loop, "student", config)
+        finally:
+            cache.stop()
+        if cache.error is not None:
+            raise cache.error
+        folder = self.out / "student"
+        with result.checkpoint.as_directory() as d:
+            _copy_tree(Path(d), folder)
+        student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
+                           teacher_dim=cfg.teacher.embed_dim)
+        student.load_state_dict(load_state(folder / "student.pt"))
+        student.eval()
+        with torch.no_grad():
+            user, item = student(GraphPropagator.from_train(self.data.train_csr, cfg.student.norm))
+        np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
+        metrics = self.evaluate(user, item)
+        hist = _history(result)
+        rounds = _round_effects(cache.stats.rounds, hist)
+        st = cache.stats
+        meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
+                "train_seconds": time.perf_counter() - t0,
+                "student_total": sum(p.numel() for p in student.parameters()),
+                "student_inference": student.inference_parameters(),
+                "prompt_rounds": rounds,
+                "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
+                          "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
+                          "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
+                          "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
+                "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
+        write_json(folder / "meta.json", meta)
+        write_history(folder / "history.jsonl", hist)
+        log(f"cache: {st.versions} version(s), {meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB per epoch, "
+            f"at most {st.max_epochs_held} epochs held, producing {st.produce_s:.1f}s, "
+            f"students waited {meta['cache']['student_wait_s']:.1f}s")
+        for w in workers:
+            ray.kill(w)
+        ray.kill(directory)
+        self.timings["student_s"] = time.perf_counter() - t0
+        return meta
+
+    def evaluate(self, user: torch.Tensor, item: torch.Tensor) -> dict[str, dict]:
+        """Full ranking, each shard actor ranking its own users; sums reduced exactly."""
+        import ray
+
+        emb = ray.put((user.numpy(), item.numpy()))
+        out = {}
+        for split in ("val", "test"):
+            parts = ray.get([s.evaluate_sums.remote(emb, split) for s in self.shards])
+            out[split] = finalize(*add_sums(parts))
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for s in self.shards:
+            ray.kill(s)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def _history(result) -> list[dict]:
+    df = result.metrics_dataframe
+    if df is None or df.empty:
+        return [result.metrics]
+    return [{k: v for k, v in row.items() if v == v} for row in df.to_dict("records")]
+
+
+def _best_epoch(hist: list[dict]) -> int:
+    return int(hist[-1].get("best_epoch", -1)) if hist else -1
+
+
+def _round_effects(rounds: list[dict], hist: list[dict]) -> list[dict]:
+    by_epoch = {int(r.get("epoch", -1)): r for r in hist}
+    for r in rounds:
+        r["val_recall@20_before"] = by_epoch.get(r["epoch"], {}).get("val_recall@20")
+        r["val_recall@20_after"] = by_epoch.get(r["epoch"] + 1, {}).get("val_recall@20")
+    return rounds
+
+
+def run_distributed(data: InteractionData, cfg: Config, out: Path, stages=("teacher", "student"),
+                    teacher_dir: Path | None = None) -> dict:
+    """`promptmm run/train-teacher/distill` on Ray; returns the metrics.json content."""
+    t0 = time.perf_counter()
+    run = DistributedRun(data, cfg, out)
+    metrics: dict = {"mode": "ray", "num_workers": cfg.dist.num_workers, "num_shards": cfg.dist.num_shards}
+    try:
+        if "teacher" in stages:
+            teacher_dir, metrics["teacher"] = run.train_teacher()
+        if "student" in stages:
+            assert teacher_dir is not None
+            tdir = teacher_dir / "teacher" if (teacher_dir / "teacher").is_dir() else teacher_dir
+            metrics["student"] = run.distill(tdir)
+    finally:
+        run.close()
+    if "teacher" in metrics and "student" in metrics:
+        metrics["params"] = {"teacher_total": metrics["teacher"]["teacher_params"],
+                             "student_total": metrics["student"]["student_total"],
+                             "student_inference": metrics["student"]["student_inference"]}
+    metrics["timings"] = {**run.timings, "total_s": time.perf_counter() - t0}
+    return metrics

@@ -1,0 +1,223 @@
+"""Stages wired together: teacher -> student (distillation) -> test at the validation-selected epoch.
+
+`local` functions run everything in this process; `promptmm_dist.distributed` runs the same loops on
+Ray (shard actors, teacher workers, Ray Train). The CLI picks one from the config's `dist` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from promptmm_dist.config import Config, load_config
+from promptmm_dist.data.dataset import InteractionData
+from promptmm_dist.data.formats import load_dataset
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.sampling import TrainSampler
+from promptmm_dist.distill.local_kd import InProcessTeacherKD, NoKD, epoch_seed
+from promptmm_dist.errors import ConfigError, DataError
+from promptmm_dist.eval.evaluate import EvalData, embedding_scorer, evaluate_splits
+from promptmm_dist.models.student import MODELS, LightGCN
+from promptmm_dist.models.teacher import PromptMMTeacher
+from promptmm_dist.run_io import load_state, save_checkpoint, write_history, write_json
+from promptmm_dist.train.student_loop import fit_student
+from promptmm_dist.train.teacher_loop import StageResult, build_teacher, fit_teacher
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def final_metrics(data: InteractionData, user: torch.Tensor, item: torch.Tensor) -> dict[str, dict]:
+    return evaluate_splits(embedding_scorer(user, item), EvalData.from_data(data), ("val", "test"))
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+def teacher_stage(data: InteractionData, cfg: Config, out: Path) -> tuple[PromptMMTeacher, dict]:
+    """Train the teacher + prompt locally, save the best (validation) checkpoint, return metrics."""
+    graph = GraphPropagator.from_train(data.train_csr, cfg.teacher.norm)
+    teacher = build_teacher(data, cfg, cache_folder=hard_token_cache(cfg))
+    sampler = TrainSampler(data.train_csr)
+    result = fit_teacher(data, cfg, teacher, graph,
+                         lambda e: sampler.epoch(1, epoch_seed(cfg.seed, e)), sampler.n_pairs, log=log)
+    with torch.no_grad():
+        o = teacher(graph)
+    metrics = final_metrics(data, o.user, o.item)
+    meta = stage_meta(data, result, metrics, teacher_params=count_params(teacher))
+    save_checkpoint(out / "teacher", "teacher", teacher.state_dict(), cfg, meta)
+    write_history(out / "teacher" / "history.jsonl", result.history)
+    return teacher, meta
+
+
+def student_stage(data: InteractionData, cfg: Config, out: Path, teacher: PromptMMTeacher | None,
+                  model: str = "lightgcn") -> tuple[LightGCN, dict]:
+    """Distil (teacher given) or train a no-KD baseline (teacher None); save best checkpoint + export."""
+    sc = cfg.student
+    graph = GraphPropagator.from_train(data.train_csr, sc.norm)
+    torch.manual_seed(cfg.seed)
+    teacher_dim = cfg.teacher.embed_dim if teacher is not None else None
+    student = MODELS[model](data.n_users, data.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
+                            teacher_dim=teacher_dim)
+    sampler = TrainSampler(data.train_csr)
+    if teacher is not None:
+        t_graph = GraphPropagator.from_train(data.train_csr, cfg.teacher.norm)
+        kd = InProcessTeacherKD(teacher, t_graph, sampler, cfg, student=student)
+        if sc.init_from_teacher:
+            o = kd.teacher_output()
+            student.init_from(o.user, o.item)
+            log("student initialised from teacher embeddings (init_from_teacher=true)")
+    else:
+        kd = NoKD(sampler, cfg)
+    name = "student" if teacher is not None else model
+    result = fit_student(data, cfg, student, graph, kd, sampler.n_pairs, log=log, stage=name)
+    with torch.no_grad():
+        user, item = student(graph)
+    metrics = final_metrics(data, user, item)
+    meta = stage_meta(data, result, metrics, student_total=count_params(student),
+                      student_inference=student.inference_parameters())
+    meta["prompt_rounds"] = result.prompt_rounds
+    folder = out / name
+    save_checkpoint(folder, name, student.state_dict(), cfg, meta)
+    np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
+    write_history(folder / "history.jsonl", result.history)
+    return student, meta
+
+
+def stage_meta(data: InteractionData, result: StageResult, metrics: dict, **extra: Any) -> dict:
+    return {"val": metrics["val"], "test": metrics["test"], "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "train_seconds": result.seconds,
+            "dataset": data.name, "manifest_sha256": data.manifest_sha256, **extra}
+
+
+def hard_token_cache(cfg: Config) -> Path | None:
+    from promptmm_dist.paths import cache_dir
+    return cache_dir() / "hard_tokens"
+
+
+def load_teacher(data: InteractionData, cfg: Config, folder: Path) -> PromptMMTeacher:
+    """Rebuild the teacher from a run folder and check it was trained on this dataset."""
+    ckpt = folder / "teacher" if (folder / "teacher").is_dir() else folder
+    meta_path = ckpt / "meta.json"
+    if not meta_path.exists():
+        raise DataError(ckpt, None, "not a teacher checkpoint folder (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("manifest_sha256") and data.manifest_sha256 and meta["manifest_sha256"] != data.manifest_sha256:
+        raise DataError(ckpt, "meta.json", "teacher was trained on a different dataset (manifest hash differs)")
+    saved = load_config(ckpt / "config.yaml", data_path=cfg.data.path)
+    cfg.teacher, cfg.prompt.soft_token_rate, cfg.prompt.feat_soft_token_rate = (
+        saved.teacher, saved.prompt.soft_token_rate, saved.prompt.feat_soft_token_rate)
+    teacher = build_teacher(data, cfg, cache_folder=hard_token_cache(cfg))
+    teacher.load_state_dict(load_state(ckpt / "teacher.pt"))
+    teacher.eval()
+    return teacher
+
+
+# -------------------------------------------------------------------------------------- commands
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config, args.set, data_path=args.data)
+    cfg.data.format = args.format
+    cfg.out = args.out
+    if args.seed is not None:
+        cfg.seed = args.seed
+    for attr, key in (("num_workers", "num_workers"), ("num_shards", "num_shards"), ("address", "address")):
+        if getattr(args, attr, None) is not None:
+            setattr(cfg.dist, key, getattr(args, attr))
+    return cfg
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[Config, InteractionData, Path]:
+    cfg = config_from_args(args)
+    data = load_dataset(cfg.data.path, cfg.data.format, cfg.data.modalities)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2**32))
+    return cfg, data, out
+
+
+def uses_ray(cfg: Config) -> bool:
+    """Distributed path when asked for workers/shards or a cluster; the in-process path otherwise."""
+    import os
+    return bool(cfg.dist.num_workers or cfg.dist.num_shards > 1 or cfg.dist.address or os.environ.get("RAY_ADDRESS"))
+
+
+def finish(out: Path, metrics: dict, args: argparse.Namespace) -> int:
+    write_json(out / "metrics.json", metrics)
+    if args.json:
+        print(json.dumps(metrics, default=float))
+    else:
+        summary = {k: v for k, v in metrics.items() if isinstance(v, dict) and "test" in v}
+        for name, m in summary.items():
+            log(f"{name}: test recall@20 {m['test']['recall@20']:.4f} ndcg@20 {m['test']['ndcg@20']:.4f} "
+                f"(val {m['val']['recall@20']:.4f}, best epoch {m.get('best_epoch')})")
+        log(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def train_teacher_command(args: argparse.Namespace) -> int:
+    cfg, data, out = prepare_run(args)
+    t0 = time.perf_counter()
+    if uses_ray(cfg):
+        from promptmm_dist.distributed import run_distributed
+        metrics = run_distributed(data, cfg, out, stages=("teacher",))
+    else:
+        _, meta = teacher_stage(data, cfg, out)
+        metrics = {"teacher": meta, "timings": {"teacher_s": time.perf_counter() - t0}}
+    return finish(out, metrics, args)
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    cfg, data, out = prepare_run(args)
+    t0 = time.perf_counter()
+    if uses_ray(cfg):
+        from promptmm_dist.distributed import run_distributed
+        metrics = run_distributed(data, cfg, out, stages=("student",), teacher_dir=Path(args.teacher))
+    else:
+        teacher = load_teacher(data, cfg, Path(args.teacher))
+        _, meta = student_stage(data, cfg, out, teacher)
+        metrics = {"student": meta, "timings": {"student_s": time.perf_counter() - t0}}
+    return finish(out, metrics, args)
+
+
+def baseline_command(args: argparse.Namespace) -> int:
+    cfg, data, out = prepare_run(args)
+    t0 = time.perf_counter()
+    _, meta = student_stage(data, cfg, out, None, model=args.model)
+    metrics = {args.model: meta, "val": meta["val"], "test": meta["test"],
+               "timings": {f"{args.model}_s": time.perf_counter() - t0}}
+    return finish(out, metrics, args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    cfg, data, out = prepare_run(args)
+    if uses_ray(cfg):
+        from promptmm_dist.distributed import run_distributed
+        metrics = run_distributed(data, cfg, out, stages=("teacher", "student"))
+        return finish(out, metrics, args)
+    t0 = time.perf_counter()
+    teacher, t_meta = teacher_stage(data, cfg, out)
+    t1 = time.perf_counter()
+    _, s_meta = student_stage(data, cfg, out, teacher)
+    t2 = time.perf_counter()
+    metrics = {
+        "teacher": t_meta, "student": s_meta,
+        "params": {"teacher_total": t_meta["teacher_params"], "student_total": s_meta["student_total"],
+                   "student_inference": s_meta["student_inference"]},
+        "timings": {"teacher_s": t1 - t0, "student_s": t2 - t1, "total_s": t2 - t0},
+        "mode": "local",
+    }
+    return finish(out, metrics, args)

@@ -1,0 +1,138 @@
+"""One optimisation step's math for the teacher and the student, with no knowledge of distribution.
+
+The local loop and the Ray Train worker loop both call these; they differ only in which samples a
+process sees and how gradients and metrics are reduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from promptmm_dist.config import PromptConfig, StudentConfig, TeacherConfig
+from promptmm_dist.distill.losses import (
+    bpr_loss,
+    embedding_kd,
+    l2_reg,
+    modality_list_kd,
+    pairwise_kd,
+)
+from promptmm_dist.models.teacher import TeacherOutput
+
+
+@dataclass
+class SoftRanking:
+    """The frozen teacher's view of a set of samples (what the cache stores per shard and epoch).
+
+    users (n,), items (n, 1+N) with column 0 the positive and column 1 the BPR negative; per-modality
+    list logits h^m_u . h^m_i and fused logits as float16; margins s(u,i+) - s(u,i-) as float32.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    modal_logits: dict[str, np.ndarray]
+    fused_logits: np.ndarray
+    margins: np.ndarray
+
+    def slice(self, start: int, stop: int) -> "SoftRanking":
+        return SoftRanking(self.users[start:stop], self.items[start:stop],
+                           {m: v[start:stop] for m, v in self.modal_logits.items()},
+                           self.fused_logits[start:stop], self.margins[start:stop])
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def nbytes(self) -> int:
+        return int(self.users.nbytes + self.items.nbytes + self.fused_logits.nbytes + self.margins.nbytes
+                   + sum(v.nbytes for v in self.modal_logits.values()))
+
+
+def as_tensor(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Tensor from a possibly read-only (object-store, zero-copy) array, copying only the batch."""
+    return torch.tensor(np.asarray(x), dtype=dtype)
+
+
+def list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
+                items: torch.Tensor) -> torch.Tensor:
+    """(B, 1+N) dot-product logits of each user against its list."""
+    return torch.einsum("bd,bkd->bk", user_emb[users], item_emb[items])
+
+
+@torch.no_grad()
+def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
+                 chunk: int = 65536) -> SoftRanking:
+    """Teacher logits for every list entry, per modality and fused (teacher in eval mode)."""
+    modal = {m: [] for m in out.modal_user}
+    fused = []
+    for s in range(0, len(users), chunk):
+        u = as_tensor(users[s:s + chunk], torch.int64)
+        it = as_tensor(items[s:s + chunk], torch.int64)
+        fused.append(list_logits(out.user, out.item, u, it))
+        for m in modal:
+            modal[m].append(list_logits(out.modal_user[m], out.modal_item[m], u, it))
+    fused_t = torch.cat(fused) if fused else torch.zeros((0, items.shape[1]))
+    margins = (fused_t[:, 0] - fused_t[:, 1]).numpy().astype(np.float32)
+    return SoftRanking(
+        users=users, items=items,
+        modal_logits={m: (torch.cat(v) if v else torch.zeros((0, items.shape[1]))).numpy().astype(np.float16)
+                      for m, v in modal.items()},
+        fused_logits=fused_t.numpy().astype(np.float16),
+        margins=margins,
+    )
+
+
+def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tensor,
+                 items: torch.Tensor, cfg: TeacherConfig, prompt_cfg: PromptConfig
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """BPR on fused + lambda_m * sum_m BPR on h^m + lambda_p * prompt BPR + L2 (DESIGN 2)."""
+    pos, neg = items[:, 0], items[:, 1]
+    pair = items[:, :2]
+    fused = list_logits(out.user, out.item, users, pair)
+    loss_bpr = bpr_loss(fused[:, 0], fused[:, 1])
+    loss_modal = fused.new_zeros(())
+    for m in out.modal_user:
+        s = list_logits(out.modal_user[m], out.modal_item[m], users, pair)
+        loss_modal = loss_modal + bpr_loss(s[:, 0], s[:, 1])
+    ps = list_logits(out.prompt_user, out.prompt_item, users, pair)
+    loss_prompt = bpr_loss(ps[:, 0], ps[:, 1])
+    reg = l2_reg(base[0][users], base[1][pos], base[1][neg])
+    loss = loss_bpr + cfg.lambda_m * loss_modal + prompt_cfg.lambda_p * loss_prompt + cfg.weight_decay * reg
+    return loss, {"bpr": float(loss_bpr.detach()), "modal_bpr": float(loss_modal.detach()), "prompt_bpr": float(loss_prompt.detach())}
+
+
+def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torch.Tensor],
+                 projector: torch.nn.Module, users: torch.Tensor, items: torch.Tensor,
+                 cfg: StudentConfig, teacher: SoftRanking | None = None,
+                 teacher_items: dict[str, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """BPR + L2 + lambda_pair L_pair + lambda_list L_list + lambda_emb L_emb (DESIGN 2).
+
+    With `teacher=None` this is plain LightGCN/MF BPR training (the no-KD baseline).
+    """
+    logits = list_logits(user_emb, item_emb, users, items)
+    loss_bpr = bpr_loss(logits[:, 0], logits[:, 1])
+    reg = l2_reg(base[0][users], base[1][items[:, 0]], base[1][items[:, 1]])
+    loss = loss_bpr + cfg.weight_decay * reg
+    parts = {"bpr": float(loss_bpr.detach())}
+    if teacher is None:
+        return loss, parts
+    if cfg.lambda_pair > 0:
+        t_margin = as_tensor(teacher.margins)
+        l_pair = pairwise_kd(t_margin, logits[:, 0] - logits[:, 1], cfg.tau)
+        loss = loss + cfg.lambda_pair * l_pair
+        parts["pair_kd"] = float(l_pair.detach())
+    if cfg.lambda_list > 0:
+        t_logits = {m: as_tensor(v) for m, v in teacher.modal_logits.items()}
+        l_list = modality_list_kd(t_logits, logits, cfg.tau, variant=cfg.list_kd,
+                                  alpha=cfg.dkd_alpha, beta=cfg.dkd_beta)
+        loss = loss + cfg.lambda_list * l_list
+        parts["list_kd"] = float(l_list.detach())
+    if cfg.lambda_emb > 0 and teacher_items:
+        batch_items = torch.unique(items[:, :2])
+        proj = projector(item_emb[batch_items])
+        l_emb = embedding_kd({m: h[batch_items] for m, h in teacher_items.items()}, proj, alpha=cfg.emb_alpha)
+        loss = loss + cfg.lambda_emb * l_emb
+        parts["emb_kd"] = float(l_emb.detach())
+    return loss, parts

@@ -1,0 +1,108 @@
+"""Student stage: LightGCN trained with BPR + the three KD terms against cached teacher soft
+rankings, selected on validation recall@20. With no KD source it is the plain LightGCN/MF baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from promptmm_dist.config import Config
+from promptmm_dist.data.dataset import InteractionData
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.models.student import LightGCN
+from promptmm_dist.train.progress import epoch_line, progress
+from promptmm_dist.train.selection import EarlyStopper
+from promptmm_dist.train.steps import SoftRanking, student_loss
+from promptmm_dist.train.teacher_loop import StageResult, steps_per_epoch
+from promptmm_dist.train.validation import Validator
+from promptmm_dist.train.world import World
+
+
+class KDSource(Protocol):
+    """Where a rank's epoch samples (and the teacher's view of them) come from."""
+
+    def epoch(self, epoch: int) -> tuple[SoftRanking, dict[str, torch.Tensor] | None, bool]:
+        """(samples with teacher logits, teacher item modality embeddings, has_teacher)."""
+
+    def after_epoch(self, epoch: int, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict | None:
+        """Hook for prompt rounds; returns a round summary when one ran."""
+
+
+def batch_bounds(n: int, n_steps: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, n_steps + 1).astype(int)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: GraphPropagator,
+                kd: KDSource, total_pairs: int, world: World | None = None,
+                train_module: torch.nn.Module | None = None,
+                report: Callable[[dict, LightGCN | None], None] | None = None,
+                log: Callable[[str], None] = print, stage: str = "student") -> StageResult:
+    world = world or World()
+    sc = cfg.student
+    module = train_module or student
+    opt = torch.optim.Adam(module.parameters(), lr=sc.lr)
+    validator = Validator(data, world)
+    stopper = EarlyStopper(patience=sc.patience, smooth_window=sc.smooth_window)
+    n_steps = steps_per_epoch(total_pairs, sc.batch_size)
+    best_state, history, t0 = None, [], time.perf_counter()
+    rounds: list[dict] = []
+    epoch = 0
+    for epoch in range(sc.epochs):
+        te = time.perf_counter()
+        ranking, teacher_items, has_teacher = kd.epoch(epoch)
+        wait_s = time.perf_counter() - te
+        student.train()
+        sums: dict[str, float] = {}
+        for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
+            part = ranking.slice(lo, hi)
+            user_emb, item_emb = module(graph)
+            loss, parts = student_loss(
+                user_emb, item_emb, student.base_embeddings(), student.projector,
+                torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
+                torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
+                teacher=part if has_teacher else None, teacher_items=teacher_items)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / n_steps
+        row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()},
+               "train_s": time.perf_counter() - te, "kd_wait_s": wait_s}
+        student.eval()
+        with torch.no_grad():
+            user_emb, item_emb = student(graph)
+        if (epoch + 1) % sc.eval_every == 0 or epoch == sc.epochs - 1:
+            val = validator(user_emb, item_emb, "val")
+            row["val"] = val
+            if stopper.update(epoch, val):
+                best_state = copy.deepcopy(student.state_dict())
+            row["best_epoch"] = stopper.best_epoch
+        summary = kd.after_epoch(epoch, user_emb, item_emb)
+        if summary is not None:
+            summary = {**summary, "epoch": epoch, "val_recall@20_before": row.get("val", {}).get("recall@20")}
+            rounds.append(summary)
+            row["prompt_round"] = summary
+        row["epoch_s"] = time.perf_counter() - te
+        history.append(row)
+        if world.is_main and "val" in row:
+            log(epoch_line(stage, row))
+        if report is not None:
+            report(row, student if stopper.best_epoch == epoch else None)
+        if "val" in row and stopper.should_stop(epoch):
+            break
+    # each prompt round's effect: validation recall@20 at the epoch after the round
+    by_epoch = {r["epoch"]: r for r in history}
+    for r in rounds:
+        nxt = by_epoch.get(r["epoch"] + 1, {}).get("val", {})
+        r["val_recall@20_after"] = nxt.get("recall@20")
+    if best_state is not None:
+        student.load_state_dict(best_state)
+    student.eval()
+    return StageResult(stopper.best_epoch, by_epoch[stopper.best_epoch]["val"] if stopper.best_epoch >= 0 else {},
+                       epoch + 1, time.perf_counter() - t0, history, best_state, rounds)

@@ -1,0 +1,186 @@
+"""End to end on a real multi-node Ray cluster: cluster/local_cluster.py starts a head and one worker node
+(separate raylets, token authentication on), `ray job submit` (the real CLI) runs jobs/pipeline.py on it,
+and the run's metrics.json must hold teacher and student val/test recall@20. The cluster is stopped in
+`finally`, and none of its processes may survive.
+
+Deliberately not using the session `ray_session` fixture: this is a separate cluster on its own free ports.
+Data: a small Tiktok subset when the real data and the subset helpers exist, else `synthetic`
+(override with PROMPTMM_CLUSTER_TEST_DATA=<absolute path>|synthetic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from promptmm_dist.paths import real_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster" / "local_cluster.py"
+SUBSET_USERS = 300
+EXCLUDES = [".venv", ".git", "runs", "out", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+NODE_CPUS = os.environ.get("PROMPTMM_CLUSTER_TEST_CPUS", "2")  # logical CPUs per node
+
+
+def _ray_cli() -> str | None:
+    local = Path(sys.executable).parent / "ray"
+    return str(local) if local.exists() else shutil.which("ray")
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(_ray_cli() is None, reason="the `ray` command line is not installed"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="local_cluster.py reads /proc (Linux)"),
+]
+
+
+def _job_data(tmp: Path) -> tuple[str, str]:
+    """(--data value, what it is): a small canonical Tiktok subset if possible, else synthetic."""
+    override = os.environ.get("PROMPTMM_CLUSTER_TEST_DATA")
+    if override:
+        return override, "PROMPTMM_CLUSTER_TEST_DATA"
+    tiktok = real_dataset("tiktok")
+    if not tiktok.exists():
+        return "synthetic", f"synthetic (no real data at {tiktok})"
+    try:
+        from promptmm_dist.data.formats import load_dataset
+        from promptmm_dist.data.prepare import ensure_canonical
+        from promptmm_dist.data.subset import subset_first_users
+    except ImportError as err:
+        return "synthetic", f"synthetic (subset helpers not available: {err})"
+    out = tmp / f"tiktok{SUBSET_USERS}"
+    subset = subset_first_users(load_dataset(str(tiktok)), SUBSET_USERS)
+    ensure_canonical(subset, out)
+    return str(out), f"Tiktok first {SUBSET_USERS} users ({out})"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _cluster(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLUSTER), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def _client_env(state: dict) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
+    env.update(state["client_env"])
+    return env
+
+
+def _job_info(state: dict, job_id: str) -> dict:
+    req = urllib.request.Request(f"{state['dashboard_url']}/api/jobs/{job_id}")
+    token = Path(state["token_path"]).read_text().strip()
+    req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read().decode())
+
+
+def _submit(state: dict, entrypoint: list[str], env_vars: dict, timeout: float) -> tuple[str, str, dict]:
+    """`ray job submit` (blocks, streams the logs); returns (submission id, output, final job info)."""
+    job_id = f"pmmtest_{uuid.uuid4().hex[:10]}"
+    runtime_env = {"excludes": EXCLUDES, "env_vars": env_vars}
+    cmd = [_ray_cli(), "job", "submit", "--address", state["dashboard_url"], "--submission-id", job_id,
+           "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env=_client_env(state))
+        output = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        subprocess.run([_ray_cli(), "job", "stop", "--address", state["dashboard_url"], job_id],
+                       capture_output=True, timeout=60, env=_client_env(state))
+        raise AssertionError(f"job {job_id} still running after {timeout} s:\n{err.stdout}") from None
+    return job_id, output, _job_info(state, job_id)
+
+
+def test_pipeline_job_on_local_multinode_cluster(tmp_path):
+    data, data_note = _job_data(tmp_path)
+    print(f"job data: {data_note}")
+    # short: Ray puts unix sockets under the state/temp dirs
+    state_dir = Path(tempfile.mkdtemp(prefix="pmmtest-", dir="/tmp"))
+    state = None
+    t0 = time.monotonic()
+    started = _cluster("start", "--workers", "1", "--head-cpus", NODE_CPUS, "--worker-cpus", NODE_CPUS,
+                       "--object-store-mb", "300", "--auth", "token", "--state-dir", str(state_dir), "--json")
+    try:
+        assert started.returncode == 0, f"cluster start failed:\n{started.stdout}\n{started.stderr}"
+        state = json.loads(started.stdout.strip().splitlines()[-1])
+        print(f"cluster up in {time.monotonic() - t0:.1f} s: {state['dashboard_url']}")
+
+        # the Jobs API is on loopback and refuses unauthenticated requests
+        assert state["dashboard_url"].startswith("http://127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(state["dashboard_url"] + "/api/jobs/", timeout=10)
+        assert denied.value.code == 401
+
+        # plumbing: both nodes visible from a job, the package comes from the uploaded working dir
+        probe = ("import json, ray, promptmm_dist; ray.init(); "
+                 "print('PROBE', json.dumps({'nodes': sum(n['Alive'] for n in ray.nodes()), "
+                 "'res': ray.cluster_resources(), 'pkg': promptmm_dist.__file__}))")
+        job_id, output, info = _submit(state, ["python", "-c", probe], {}, timeout=180)
+        assert info["status"] == "SUCCEEDED", f"probe job {job_id}: {info}\n{output}"
+        line = next(x for x in output.splitlines() if x.startswith("PROBE "))
+        probe_out = json.loads(line[len("PROBE "):])
+        assert probe_out["nodes"] == 2 and probe_out["res"].get("node_0") == 1 and probe_out["res"].get("node_1") == 1
+        assert "working_dir_files" in probe_out["pkg"], probe_out["pkg"]
+
+        # the real job
+        out = tmp_path / "run"
+        t1 = time.monotonic()
+        job_id, output, info = _submit(
+            state,
+            ["python", "jobs/pipeline.py", "--data", data, "--out", str(out),
+             "--set", "teacher.epochs=2", "--set", "student.epochs=2",
+             "--num-workers", "1", "--num-shards", "2", "--json"],
+            {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+            timeout=420,
+        )
+        print(f"pipeline job {job_id}: {info['status']} in {time.monotonic() - t1:.1f} s")
+        assert info["status"] == "SUCCEEDED", f"job {job_id}: {info.get('message')}\n{output[-6000:]}"
+        metrics = json.loads((out / "metrics.json").read_text())
+        for stage in ("teacher", "student"):
+            for split in ("val", "test"):
+                value = metrics[stage][split]["recall@20"]
+                assert 0.0 <= value <= 1.0, (stage, split, value)
+    finally:
+        stop_result, survivors = _stop_cluster(state_dir, state)
+    assert stop_result.get("remaining") == [], f"cluster stop left processes: {stop_result}"
+    assert not survivors, f"processes of the test cluster still alive: {survivors}"
+
+
+def _stop_cluster(state_dir: Path, state: dict | None) -> tuple[dict, list[int]]:
+    """Stop the test cluster (if it got as far as writing its state); clean up when nothing survived."""
+    if not (state_dir / "state.json").exists():  # start failed early and already cleaned up after itself
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return {"remaining": []}, []
+    stopped = _cluster("stop", "--state-dir", str(state_dir), "--json", timeout=120)
+    print(f"cluster stop: {stopped.stdout.strip()} {stopped.stderr.strip()}")
+    try:
+        result = json.loads(stopped.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {"error": stopped.stdout + stopped.stderr}
+    survivors = [p for p in (state or {}).get("pids", []) if _alive(p)]
+    if result.get("remaining") == [] and not survivors:
+        temp_dir = (state or {}).get("temp_dir") or json.loads((state_dir / "state.json").read_text())["temp_dir"]
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return result, survivors
