@@ -284,7 +284,7 @@ def _stop(state: dict, grace: float) -> dict:
     signalled: set[int] = set()
     killed: set[int] = set()
     for phase in ("raylet", "other", "gcs"):
-        procs = [p for p in cluster_processes(state) if phase == "other" or _kind(p) == phase]
+        procs = [p for p in cluster_processes(state) if _kind(p) == phase]
         pids = {p["pid"] for p in procs}
         _signal(pids, signal.SIGTERM)
         signalled |= pids

@@ -48,6 +48,7 @@ class TeacherConfig:
     patience: int = 10  # epochs without validation improvement before stopping
     eval_every: int = 1
     norm: str = "sym"  # adjacency normalisation: sym = D^-1/2 A D^-1/2, left = D^-1 A (authors')
+    feature_norm: str = "standardize"  # per-column z-score of X^m (raw scales differ 300x across datasets) | none
 
 
 @dataclass

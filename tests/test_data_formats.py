@@ -276,3 +276,25 @@ def test_load_source_synthetic_modalities() -> None:
     assert src.data.modalities == ["text"] and src.feature_dtypes == {"text": "float32"}
     with pytest.raises(DataError, match="'audio' not found"):
         load_dataset("synthetic", modalities=["audio"])
+
+
+def test_bom_crlf_and_blank_lines_in_inter(tmp_path) -> None:
+    src = make_mmrec(tmp_path / "s", inter_lines())
+    text = "\ufeff" + "\r\n".join(inter_lines()[:8]) + "\r\n\r\n" + "\r\n".join(inter_lines()[8:]) + "\r\n"
+    (src / "toy.inter").write_bytes(text.encode("utf-8"))
+    assert_same_data(load_dataset(src), load_dataset(make_promptmm(tmp_path / "j")))
+    dup = text.replace("\r\n\r\n2\t5\t1\t0", "\r\n\r\n2\t5\t1\t0\r\n2\t5\t1\t0", 1)
+    (src / "toy.inter").write_bytes(dup.encode("utf-8"))
+    with pytest.raises(DataError, match=r"toy.inter: line 11: duplicate pair \(user 2, item 5\) .*first at line 10"):
+        load_dataset(src)  # line numbers count the blank line
+
+
+def test_ids_too_large(tmp_path) -> None:
+    src = make_promptmm(tmp_path / "s")
+    (src / "val.json").write_text('{"%s": [1]}' % ("9" * 5000))
+    with pytest.raises(DataError, match="val.json: key '9999.*too large"):
+        load_dataset(src)
+    lines = inter_lines()
+    lines[2] = "1" * 30 + "\t1\t1\t0"
+    with pytest.raises(DataError, match="toy.inter: line 3: userID 1+ is too large"):
+        load_dataset(make_mmrec(tmp_path / "m", lines))

@@ -59,14 +59,24 @@ def load_dataset(path: str | Path = "synthetic", format: str = "auto",
 def load_source(path: str | Path = "synthetic", format: str = "auto",
                 modalities: Sequence[str] | None = None) -> LoadedSource:
     """Like `load_dataset`, also returning on-disk dtypes and the origin format."""
-    if str(path) == "synthetic" and format in ("auto", "synthetic"):
+    if is_synthetic(path) and format in ("auto", "synthetic"):
         return _load_synthetic(modalities)
     if format not in ("auto", *FORMATS):
         raise DataError(path, None, f"unknown format {format!r}; expected auto, {', '.join(FORMATS)}")
-    fmt, root, inter_file = detect_format(Path(path), format)
-    if fmt == "canonical":
-        return _read_canonical(root, modalities)
-    return _read_raw(root, fmt, inter_file, modalities)
+    try:
+        fmt, root, inter_file = detect_format(Path(path), format)
+        if fmt == "canonical":
+            return _read_canonical(root, modalities)
+        return _read_raw(root, fmt, inter_file, modalities)
+    except OSError as err:  # unreadable file or folder: still one line, not a traceback
+        raise DataError(err.filename or path, None, f"cannot read: {err.strerror or err}") from None
+
+
+def is_synthetic(path: str | Path) -> bool:
+    """The string "synthetic" names the built-in dataset; a folder of that name is "./synthetic"."""
+    if isinstance(path, str):
+        return path == "synthetic"
+    return str(path) == "synthetic" and not path.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ def _read_promptmm_splits(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _parse_json(path: Path) -> Any:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(path, f"byte {err.start}", "not UTF-8 text") from None
     try:
@@ -225,7 +235,7 @@ def _read_inter(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, V.Locat
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         header = fh.readline()
     if not header.strip():
         raise DataError(path, "line 1", "empty header; expected tab-separated columns userID itemID x_label")
@@ -248,7 +258,7 @@ def _read_inter(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, V.Locat
 
 def _inter_locator(path: Path) -> V.Locator:
     def locate(row: int) -> tuple[str, str]:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
             fh.readline()
             seen = -1
             for lineno, line in enumerate(fh, start=2):
@@ -277,6 +287,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
             raise DataError(path, f"key {key!r}", f"missing or not {'an integer' if kind is int else 'an object'}")
     if not manifest["modalities"]:
         raise DataError(path, "key 'modalities'", "no modality listed")
+    for name, entry in manifest["modalities"].items():
+        if not isinstance(entry, dict) or not _MODALITY_NAME.fullmatch(name):
+            raise DataError(path, f"modality {name!r}", "bad entry (expected a name and an object)")
+    for rel, digest in manifest["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(digest, str):
+            raise DataError(path, f"file {rel!r}", "bad entry (expected a relative path and a sha256)")
     return manifest
 
 
@@ -312,7 +328,7 @@ def _read_canonical(root: Path, modalities: Sequence[str] | None) -> LoadedSourc
     _verify_files(root, manifest)
     available = {m: root / FEATURES_DIR / f"{m}.npy" for m in manifest["modalities"]}
     for m, p in available.items():
-        if not _MODALITY_NAME.fullmatch(m) or not p.is_file():
+        if not p.is_file():
             raise DataError(p, None, f"missing (modality {m!r} is listed in {MANIFEST})")
     files = _select_modalities(root, available, modalities)
     shapes = {name: (p, V.read_npy_header(p)[0]) for name, p in files.items()}

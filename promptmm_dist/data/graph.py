@@ -83,3 +83,18 @@ class GraphPropagator:
             x = self.propagate(x)
             acc = acc + x
         return acc / (n_layers + 1)
+
+    def layer_means(self, blocks: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """`layer_mean` of several (x0, n_layers) blocks, hopping their concatenated columns together
+        (one sparse product over wider rows costs far less than one per block)."""
+        widths = [x.shape[1] for x, _ in blocks]
+        layers = [n for _, n in blocks]
+        current = [x for x, _ in blocks]
+        acc = list(current)
+        for hop in range(1, max(layers, default=0) + 1):
+            live = [i for i, n in enumerate(layers) if n >= hop]
+            out = self.propagate(torch.cat([current[i] for i in live], dim=1))
+            for i, part in zip(live, torch.split(out, [widths[i] for i in live], dim=1)):
+                current[i] = part
+                acc[i] = acc[i] + part
+        return [a / (n + 1) for a, n in zip(acc, layers)]

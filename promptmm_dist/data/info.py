@@ -36,7 +36,8 @@ def dataset_info(path: str | Path, format: str = "auto") -> dict[str, Any]:
         "n_users": d.n_users,
         "n_items": d.n_items,
         "interactions": {**per_split, "total": total},
-        "users_with_interactions": {name: int(len(np.unique(d.users[d.splits == code])))
+        "users_with_interactions": {name: int(np.count_nonzero(np.bincount(d.users[d.splits == code],
+                                                                           minlength=d.n_users)))
                                     for name, code in SPLIT_NAMES.items()},
         "users_without_train": int(np.count_nonzero(np.bincount(d.users[train], minlength=d.n_users) == 0)),
         "items_never_in_train": int(np.count_nonzero(np.bincount(d.items[train], minlength=d.n_items) == 0)),

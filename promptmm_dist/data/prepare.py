@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,7 +73,7 @@ def write_canonical(data: InteractionData, out: str | Path, *, force: bool = Fal
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = _make_temp_dir(parent, out.name)
     except OSError as err:
         raise DataError(out, None, f"cannot create: {err.strerror or err}") from None
     try:
@@ -85,11 +87,24 @@ def write_canonical(data: InteractionData, out: str | Path, *, force: bool = Fal
     return out
 
 
+def _make_temp_dir(parent: Path, name: str) -> Path:
+    """Hidden folder beside OUT (same filesystem, so the final rename is atomic). Unlike mkdtemp it
+    honours the umask, so the renamed OUT gets the user's usual permissions."""
+    for _ in range(100):
+        tmp = parent / f".{name}.tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {parent / name}")  # pragma: no cover
+
+
 def _check_target(src: str | Path, out: Path, force: bool) -> None:
     """Refuse before any work: OUT exists without --force, or OUT is (or contains) the source."""
     if out.exists() and not force:
         raise DataError(out, None, "already exists; pass --force to replace it")
-    if str(src) == "synthetic" and not Path(src).exists():
+    if F.is_synthetic(src):
         return
     s, o = Path(src).resolve(), out.resolve()
     if s == o or o in s.parents:
@@ -172,8 +187,6 @@ def prepare_command(args: argparse.Namespace) -> int:
 
 def print_warnings(caught: list[warnings.WarningMessage]) -> None:
     """Data warnings as single 'promptmm: warning:' lines (not Python's two-line format)."""
-    import sys
-
     for w in caught:
         if issubclass(w.category, DataWarning):
             print(f"promptmm: warning: {w.message}", file=sys.stderr)

@@ -222,7 +222,8 @@ def _propose(rng: np.random.Generator, items: dict[str, np.ndarray], lat: np.nda
 
 
 def _cluster_temperature(k: int, d: int) -> float:
-    """Scale so a user's home cluster gets roughly half of the mass whatever the number of clusters."""
+    """Grows with log(k) so more clusters do not dilute a user's focus: the home cluster gets about
+    70% of the proposal mass at k=21 (default set) and 50% at k=128 (100k items)."""
     return (0.25 + 0.05 * math.log(k)) * 16.0 / d
 
 

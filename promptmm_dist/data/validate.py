@@ -11,6 +11,7 @@ error path walks Python objects to find the exact record to report.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -52,6 +53,8 @@ def check_json_object(path: Path, pairs: JsonObject | Any) -> list[tuple[str, An
         if not _DECIMAL.fullmatch(key):
             what = "negative user id" if re.fullmatch(r"-[0-9]+", key) else "user id is not a decimal integer"
             raise DataError(path, f"key {key!r}", what)
+        if len(key) > 10 or int(key) > MAX_ID:
+            raise DataError(path, f"key {key!r}", "user id is too large (ids must fit int32)")
         if key in seen:
             raise DataError(path, f"key {key!r}", "user listed twice")
         seen.add(key)
@@ -86,8 +89,6 @@ def _json_type(value: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    import json
-
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -115,7 +116,7 @@ def check_inter_header(path: Path, header_line: str) -> list[str]:
 
 def diagnose_inter(path: Path, fallback: str) -> DataError:
     """Slow line-by-line scan used only after the fast reader failed, to name the bad line."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
         cols = check_inter_header(path, fh.readline())
         idx = {c: cols.index(c) for c in INTER_COLUMNS}
         for lineno, line in enumerate(fh, start=2):
@@ -134,7 +135,9 @@ def diagnose_inter(path: Path, fallback: str) -> DataError:
 
 def _id_problem(text: str, col: str) -> str | None:
     if _DECIMAL.fullmatch(text):
-        return None if col != "x_label" or text in ("0", "1", "2") else _xlabel_problem(text)
+        if col == "x_label":
+            return None if text in ("0", "1", "2") else _xlabel_problem(text)
+        return f"{col} {text} is too large (ids must fit int32)" if len(text) > 10 or int(text) > MAX_ID else None
     if re.fullmatch(r"-[0-9]+", text):
         return f"{col} {text} is negative" if col != "x_label" else _xlabel_problem(text)
     return f"{col} {text!r} is not a non-negative integer" if col != "x_label" else _xlabel_problem(text)

@@ -57,19 +57,20 @@ class PromptMMTeacher(nn.Module):
     def forward(self, graph: GraphPropagator) -> TeacherOutput:
         p_u, p_i = self.prompt()
         pc = self.prompt_cfg
-        # ID embeddings with the ID prompt, LightGCN propagation
+        # ID embeddings with the ID prompt (LightGCN propagation)
         e_u = self.user_emb.weight + pc.soft_token_rate * l2norm(p_u)
         e_i = self.item_emb.weight + pc.soft_token_rate * l2norm(p_i)
-        ego = graph.layer_mean(torch.cat([e_u, e_i]), self.cfg.n_layers)
+        # modality encoders on prompted features; users start as the mean of their items
+        f_items = [self.dropout(self.encoders[m](
+            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate))) for m in self.modalities]
+        f_i = torch.cat(f_items, dim=1)
+        f_u = self.user_mean @ f_i
+        ego, modal = graph.layer_means([(torch.cat([e_u, e_i]), self.cfg.n_layers),
+                                        (torch.cat([f_u, f_i]), self.cfg.modal_layers)])
         modal_user, modal_item = {}, {}
         fused = ego
-        for m in self.modalities:
-            x = PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate)
-            f_i = self.dropout(self.encoders[m](x))
-            f_u = self.user_mean @ f_i
-            h = graph.layer_mean(torch.cat([f_u, f_i]), self.cfg.modal_layers)
-            h_u, h_i = h[: self.n_users], h[self.n_users:]
-            modal_user[m], modal_item[m] = h_u, h_i
+        for m, h in zip(self.modalities, torch.split(modal, self.cfg.embed_dim, dim=1)):
+            modal_user[m], modal_item[m] = h[: self.n_users], h[self.n_users:]
             fused = fused + self.cfg.lambda_c * l2norm(h)
         return TeacherOutput(fused[: self.n_users], fused[self.n_users:], modal_user, modal_item, p_u, p_i)
 
