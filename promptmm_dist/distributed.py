@@ -8,6 +8,7 @@ same, which is what most tests use.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -101,12 +102,11 @@ class DistributedRun:
         with torch.no_grad():
             o = teacher(GraphPropagator.from_train(self.data.train_csr, self.cfg.teacher.norm))
         metrics = self.evaluate(o.user, o.item)
-        hist = _history(result)
+        hist = _history(folder)
         meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
                 "train_seconds": time.perf_counter() - t0, "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
         write_json(folder / "meta.json", meta)
-        write_history(folder / "history.jsonl", hist)
         self.timings["teacher_s"] = time.perf_counter() - t0
         return folder, meta
 
@@ -148,7 +148,7 @@ class DistributedRun:
             user, item = student(GraphPropagator.from_train(self.data.train_csr, cfg.student.norm))
         np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
         metrics = self.evaluate(user, item)
-        hist = _history(result)
+        hist = _history(folder)
         rounds = _round_effects(cache.stats.rounds, hist)
         st = cache.stats
         meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
@@ -162,7 +162,6 @@ class DistributedRun:
                           "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
                 "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
         write_json(folder / "meta.json", meta)
-        write_history(folder / "history.jsonl", hist)
         log(f"cache: {st.versions} version(s), {meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB per epoch, "
             f"at most {st.max_epochs_held} epochs held, producing {st.produce_s:.1f}s, "
             f"students waited {meta['cache']['student_wait_s']:.1f}s")
@@ -199,11 +198,10 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _history(result) -> list[dict]:
-    df = result.metrics_dataframe
-    if df is None or df.empty:
-        return [result.metrics]
-    return [{k: v for k, v in row.items() if v == v} for row in df.to_dict("records")]
+def _history(folder: Path) -> list[dict]:
+    """Per-epoch rows, written by rank 0 into the final checkpoint."""
+    path = folder / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _best_epoch(hist: list[dict]) -> int:
@@ -211,10 +209,10 @@ def _best_epoch(hist: list[dict]) -> int:
 
 
 def _round_effects(rounds: list[dict], hist: list[dict]) -> list[dict]:
-    by_epoch = {int(r.get("epoch", -1)): r for r in hist}
+    by_epoch = {int(r.get("epoch", -1)): r.get("val", {}) for r in hist}
     for r in rounds:
-        r["val_recall@20_before"] = by_epoch.get(r["epoch"], {}).get("val_recall@20")
-        r["val_recall@20_after"] = by_epoch.get(r["epoch"] + 1, {}).get("val_recall@20")
+        r["val_recall@20_before"] = by_epoch.get(r["epoch"], {}).get("recall@20")
+        r["val_recall@20_after"] = by_epoch.get(r["epoch"] + 1, {}).get("recall@20")
     return rounds
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from promptmm_dist.config import Config, DistConfig
-from promptmm_dist.run_io import write_json
+from promptmm_dist.run_io import write_history, write_json
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
 TEACHER_WORKER_CPUS = 0.25
@@ -83,13 +83,17 @@ def make_reporter(files: Callable[[Path], None], rank: int) -> Callable[[dict, o
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-epoch dict dumps in the log
     previous: list[str] = []
+    history: list[dict] = []  # travels inside every checkpoint: local mode keeps no metrics history
 
     def report(row: dict, best_model: object) -> None:
         metrics = flat_metrics(row)
+        if not row.get("final"):
+            history.append(row)
         if best_model is not None and rank == 0:
             folder = tempfile.mkdtemp(prefix="promptmm-ckpt-")
             files(Path(folder))
             write_json(Path(folder) / "epoch.json", metrics)
+            write_history(Path(folder) / "history.jsonl", history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
             for old in previous:
                 shutil.rmtree(old, ignore_errors=True)

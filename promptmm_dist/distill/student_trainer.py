@@ -50,5 +50,9 @@ def student_train_loop(config: dict) -> None:
         save_checkpoint(folder, "student", student.state_dict(), cfg,
                         {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
 
-    fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world, train_module=module,
-                report=make_reporter(files, world.rank), log=lambda m: print(m, flush=True))
+    report = make_reporter(files, world.rank)
+    result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world, train_module=module,
+                report=report, log=lambda m: print(m, flush=True))
+    # one last report carrying the selected (best validation) weights: Train keeps the latest
+    # checkpoint, and in local mode `result.checkpoint` is the last report's
+    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, student)

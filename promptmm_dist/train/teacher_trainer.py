@@ -56,7 +56,11 @@ def teacher_train_loop(config: dict) -> None:
 
     from promptmm_dist.ray_setup import make_reporter
 
-    fit_teacher(data, cfg, teacher, graph,
+    report = make_reporter(files, world.rank)
+    result = fit_teacher(data, cfg, teacher, graph,
                 lambda e: shard_epoch_samples(shards, mine, 1, cfg.seed, e),
                 config["total_pairs"], world=world, train_module=module,
-                report=make_reporter(files, world.rank), log=lambda m: print(m, flush=True))
+                report=report, log=lambda m: print(m, flush=True))
+    # one last report carrying the selected (best validation) weights: Train keeps the latest
+    # checkpoint, and in local mode `result.checkpoint` is the last report's
+    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, teacher)

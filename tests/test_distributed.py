@@ -1,0 +1,105 @@
+"""The Ray pieces: shards, the soft-ranking cache, prompt rounds, and a whole distributed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promptmm_dist.data.formats import load_dataset
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.prepare import ensure_canonical
+from promptmm_dist.data.sampling import TrainSampler
+from promptmm_dist.data.shards import ShardState
+from promptmm_dist.data.subset import subset_first_users
+from promptmm_dist.distill.teacher_workers import TeacherWorker
+from promptmm_dist.distributed import run_distributed
+from promptmm_dist.pipeline import teacher_stage
+from promptmm_dist.train.steps import soft_ranking
+from tests.helpers import tiny_config, tiny_data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny dataset, its canonical parquet and a trained teacher checkpoint."""
+    root = tmp_path_factory.mktemp("dist")
+    data = tiny_data()
+    folder = ensure_canonical(data, root / "data")
+    cfg = tiny_config()
+    cfg.teacher.epochs = 1
+    teacher, _ = teacher_stage(data, cfg, root)
+    return data, Path(folder) / "interactions.parquet", cfg, root / "teacher" / "teacher.pt", teacher
+
+
+def test_shards_are_disjoint_and_cover_all_users(tiny):
+    data, parquet, *_ = tiny
+    shards = [ShardState(str(parquet), k, 3, data.n_users, data.n_items) for k in range(3)]
+    users = [set(s.users().tolist()) for s in shards]
+    assert all(not (a & b) for i, a in enumerate(users) for b in users[i + 1:])
+    assert set().union(*users) == set(range(data.n_users))
+    assert sum(s.info()["train_pairs"] for s in shards) == data.train_csr.nnz
+    for s in shards:  # a shard's samples are its own users' training pairs
+        batch = s.epoch_samples(4, seed=0)
+        assert (batch.users % 3 == s.shard).all()
+
+
+def test_shard_negatives_are_never_training_items(tiny):
+    data, parquet, *_ = tiny
+    dense = data.train_csr.toarray().astype(bool)
+    for k in range(2):
+        batch = ShardState(str(parquet), k, 2, data.n_users, data.n_items).epoch_samples(6, seed=k)
+        assert dense[batch.users, batch.items[:, 0]].all()
+        assert not dense[batch.users[:, None], batch.items[:, 1:]].any()
+
+
+def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session):
+    import ray
+
+    data, parquet, cfg, ckpt, teacher = tiny
+    worker = ray.remote(TeacherWorker).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    samples = TrainSampler(data.train_csr).epoch(5, seed=1)
+    cached = ray.get(worker.soft_ranking.remote(0, samples))
+    teacher.eval()
+    with torch.no_grad():
+        direct = soft_ranking(teacher(GraphPropagator.from_train(data.train_csr)), samples.users, samples.items)
+    for m in direct.modal_logits:
+        np.testing.assert_array_equal(cached.modal_logits[m], direct.modal_logits[m])
+    np.testing.assert_allclose(cached.margins, direct.margins, rtol=1e-6, atol=1e-6)
+    assert cached.fused_logits.dtype == np.float16
+
+    # a prompt round publishes a new cache version whose logits differ
+    student = (np.random.default_rng(0).normal(size=(data.n_users, 16)).astype(np.float32),
+               np.random.default_rng(1).normal(size=(data.n_items, 16)).astype(np.float32), None)
+    res = ray.get(worker.prompt_round.remote(student, 0))
+    assert res["version"] == 1
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(worker.soft_ranking.remote(0, samples))  # the old version is no longer served
+    fresh = ray.get(worker.soft_ranking.remote(1, samples))
+    m = next(iter(direct.modal_logits))
+    assert not np.array_equal(fresh.modal_logits[m], cached.modal_logits[m])
+    ray.kill(worker)
+
+
+@pytest.mark.timeout(600)
+def test_distributed_run_with_prompt_rounds(tiktok_path, tmp_path, ray_session):
+    data = subset_first_users(load_dataset(tiktok_path), 600)
+    cfg = tiny_config(epochs=3)
+    cfg.teacher.epochs = 2
+    cfg.prompt.refresh_epochs = 1
+    cfg.prompt.round_steps = 2
+    cfg.dist.num_workers = 0
+    cfg.dist.num_shards = 2
+    metrics = run_distributed(data, cfg, tmp_path)
+    student = metrics["student"]
+    assert len(student["prompt_rounds"]) == 2  # after epochs 0 and 1, not after the last
+    assert student["cache"]["versions"] == 3
+    assert student["cache"]["max_epochs_held"] <= 2
+    assert student["cache"]["bytes_per_epoch"] > 0
+    for stage in ("teacher", "student"):
+        assert 0.0 <= metrics[stage]["test"]["recall@20"] <= 1.0
+    assert (tmp_path / "student" / "student.pt").exists() and (tmp_path / "teacher" / "teacher.pt").exists()
+    hist = [json.loads(line) for line in (tmp_path / "student" / "history.jsonl").read_text().splitlines()]
+    assert len(hist) == 3
