@@ -70,6 +70,8 @@ class StudentConfig:
     emb_alpha: float = 2.0  # exponent of the scaled cosine error
     neg_sample_num: int = 10  # negatives per list (never a training item of the user)
     list_users_per_batch: int = 1024  # users with a KD list per optimiser step
+    list_modal_weight: float = 1.0  # total weight of the per-modality teacher lists (split evenly)
+    list_fused_weight: float = 0.0  # weight of the fused teacher's list (an extra "modality")
     list_kd: str = "reweighted"  # reweighted (modality-aware, DESIGN) | dkd (constant alpha/beta)
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0

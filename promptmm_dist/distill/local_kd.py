@@ -76,3 +76,28 @@ class InProcessTeacherKD:
         self.version += 1
         self._out = None
         return {**info, "cache_version": self.version}
+
+
+class _OnlineRanking:
+    """Samples whose teacher logits are computed when a mini-batch is sliced: one full teacher
+    forward per optimiser step, as the authors' code does."""
+
+    def __init__(self, kd: "OnlineTeacherKD", users: np.ndarray, items: np.ndarray) -> None:
+        self.kd, self.users, self.items = kd, users, items
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def slice(self, start: int, stop: int) -> SoftRanking:
+        self.kd.teacher.eval()
+        with torch.no_grad():
+            out = self.kd.teacher(self.kd.graph)
+        return soft_ranking(out, self.users[start:stop], self.items[start:stop])
+
+
+class OnlineTeacherKD(InProcessTeacherKD):
+    """Reference point for the cache benchmark: no cache, the teacher runs at every step."""
+
+    def epoch(self, epoch: int):
+        s = self.sampler.epoch(self.cfg.student.neg_sample_num, epoch_seed(self.cfg.seed, epoch, self.shard))
+        return _OnlineRanking(self, s.users, s.items), dict(self.teacher_output().modal_item), True

@@ -51,10 +51,16 @@ def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user:
                 loss = loss + sc.lambda_pair * pairwise_kd(t_fused[:, 0] - t_fused[:, 1],
                                                            s_logits[:, 0] - s_logits[:, 1], sc.tau,
                                                            detach_teacher=False)
-            if sc.lambda_list > 0:
-                loss = loss + sc.lambda_list * modality_list_kd(t_modal, s_logits, sc.tau, variant=sc.list_kd,
-                                                                alpha=sc.dkd_alpha, beta=sc.dkd_beta,
-                                                                detach_teacher=False)
+            lists, weights = {}, {}
+            if sc.list_modal_weight > 0:
+                lists.update(t_modal)
+                weights.update({m: sc.list_modal_weight / len(t_modal) for m in t_modal})
+            if sc.list_fused_weight > 0:
+                lists["__fused__"], weights["__fused__"] = t_fused, sc.list_fused_weight
+            if sc.lambda_list > 0 and lists:
+                loss = loss + sc.lambda_list * modality_list_kd(lists, s_logits, sc.tau, variant=sc.list_kd,
+                                                                weights=weights, alpha=sc.dkd_alpha,
+                                                                beta=sc.dkd_beta, detach_teacher=False)
             if sc.lambda_emb > 0 and student_projector is not None:
                 batch_items = torch.unique(items[:, :2])
                 with torch.no_grad():

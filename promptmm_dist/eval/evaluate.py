@@ -281,6 +281,14 @@ SCORERS: dict[str, ScorerFactory] = {
 def resolve_scorer(model: str, data: InteractionData, args: argparse.Namespace) -> ScoreFn:
     """The score function for `--model` (a registry name; run folders/exports come later)."""
     factory = SCORERS.get(model)
+    if factory is None and Path(model).exists():
+        from promptmm_dist.serve import load_export
+
+        user, item = load_export(model)
+        if user.shape[0] != data.n_users or item.shape[0] != data.n_items:
+            raise DataError(model, None, f"export has {user.shape[0]} users x {item.shape[0]} items, "
+                                         f"the data {data.n_users} x {data.n_items}")
+        return embedding_scorer(user, item)
     if factory is None:
         raise DataError(model, None, f"unknown model (expected one of: {', '.join(sorted(SCORERS))})")
     return factory(data, args)
@@ -302,8 +310,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from promptmm_dist.data.formats import load_dataset  # deferred: keeps `--help` import-light
 
     model = str(args.model)
-    if model not in SCORERS:  # fail before the (possibly slow) data load
-        raise DataError(model, None, f"unknown model (expected one of: {', '.join(sorted(SCORERS))})")
+    if model not in SCORERS and not Path(model).exists():  # fail before the (possibly slow) data load
+        raise DataError(model, None, f"unknown model (expected one of: {', '.join(sorted(SCORERS))}, "
+                                     "or a run folder / student export)")
     data = load_dataset(args.data, getattr(args, "format", "auto"))
     splits = list(EVAL_SPLITS) if args.split == "both" else [args.split]
     score_fn = resolve_scorer(model, data, args)

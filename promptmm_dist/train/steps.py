@@ -102,6 +102,21 @@ def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tens
     return loss, {"bpr": float(loss_bpr.detach()), "modal_bpr": float(loss_modal.detach()), "prompt_bpr": float(loss_prompt.detach())}
 
 
+def list_targets(teacher: SoftRanking, cfg: StudentConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Teacher lists for the list-wise KD: each modality's (weight list_modal_weight / |M|) and,
+    optionally, the fused teacher's (weight list_fused_weight)."""
+    t_logits: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
+    if cfg.list_modal_weight > 0:
+        for m, v in teacher.modal_logits.items():
+            t_logits[m] = as_tensor(v)
+            weights[m] = cfg.list_modal_weight / len(teacher.modal_logits)
+    if cfg.list_fused_weight > 0:
+        t_logits["__fused__"] = as_tensor(teacher.fused_logits)
+        weights["__fused__"] = cfg.list_fused_weight
+    return t_logits, weights
+
+
 def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torch.Tensor],
                  projector: torch.nn.Module, users: torch.Tensor, items: torch.Tensor,
                  cfg: StudentConfig, teacher: SoftRanking | None = None,
@@ -123,9 +138,9 @@ def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torc
         l_pair = pairwise_kd(t_margin, logits[:, 0] - logits[:, 1], cfg.tau)
         loss = loss + cfg.lambda_pair * l_pair
         parts["pair_kd"] = float(l_pair.detach())
-    if cfg.lambda_list > 0:
-        t_logits = {m: as_tensor(v) for m, v in teacher.modal_logits.items()}
-        l_list = modality_list_kd(t_logits, logits, cfg.tau, variant=cfg.list_kd,
+    if cfg.lambda_list > 0 and (cfg.list_modal_weight > 0 or cfg.list_fused_weight > 0):
+        t_logits, weights = list_targets(teacher, cfg)
+        l_list = modality_list_kd(t_logits, logits, cfg.tau, variant=cfg.list_kd, weights=weights,
                                   alpha=cfg.dkd_alpha, beta=cfg.dkd_beta)
         loss = loss + cfg.lambda_list * l_list
         parts["list_kd"] = float(l_list.detach())
