@@ -67,6 +67,19 @@ def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | N
             "inference_params": inference, "train_s": time.perf_counter() - t0}
 
 
+def teacher_row(folder: Path) -> dict:
+    """The teacher row of an existing run (its meta.json)."""
+    import json
+
+    meta = json.loads((folder / "teacher" / "meta.json").read_text())
+    test, val = meta["test"], meta["val"]
+    return {"row": "teacher", "seed": -1, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
+            "precision@20": test["precision@20"], "legacy_ndcg@20": test["legacy_ndcg@20"],
+            "val_recall@20": val["recall@20"], "best_epoch": meta["best_epoch"],
+            "params": meta["teacher_params"], "inference_params": meta["teacher_params"],
+            "train_s": meta["train_seconds"]}
+
+
 def summarise(results: list[dict]) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["row"] for r in results):
@@ -89,18 +102,22 @@ def main() -> None:
                                       "frozen_prompt,dkd_list_kd")
     ap.add_argument("--out", default="runs/report")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained in parallel (1 torch thread each)")
+    ap.add_argument("--teacher", default=None, help="reuse this trained teacher run folder (its config must "
+                                                    "match the dataset YAML) instead of training one")
     args = ap.parse_args()
     data_path = str(require_real(args.dataset))
     out = Path(args.out) / args.dataset
     names = args.rows.split(",")
     t0 = time.perf_counter()
     results: list[dict] = []
-    teacher_dir = str(out / "teacher_seed0")
+    teacher_dir = args.teacher or str(out / "teacher_seed0")
     threads = 1 if args.jobs > 1 else 2
-    if "teacher" in names or any(ROWS.get(n, ("",))[0] == "student" for n in names):
-        if not (out / "teacher_seed0" / "teacher" / "teacher.pt").exists():
-            results.append(run_row("teacher", data_path, 0, str(out), None, 2))
-            print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
+    if args.teacher:
+        results.append(teacher_row(Path(args.teacher)))
+    elif "teacher" in names or any(ROWS.get(n, ("",))[0] == "student" for n in names):
+        results.append(run_row("teacher", data_path, 0, str(out), None, 2))
+    if results:
+        print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
     jobs = [(n, s) for n in names if n != "teacher" for s in (range(args.seeds) if n in HEADLINE else [0])]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads) for n, s in jobs]

@@ -129,11 +129,16 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
                 return False
             raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
         return bool(value)
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
+    if isinstance(current, (int, float)):
         try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}") from None
+        if isinstance(current, int):
+            if not number.is_integer():
+                raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+            return int(number)
+        return number
     return value
 
 

@@ -48,22 +48,31 @@ def canonical_parquet(data: InteractionData, cfg: Config, out: Path) -> Path:
 class DistributedRun:
     """Holds the Ray handles of one run; stages are methods so `run` and `tune` can reuse them."""
 
-    def __init__(self, data: InteractionData, cfg: Config, out: Path) -> None:
+    def __init__(self, data: InteractionData, cfg: Config, out: Path, shared: dict | None = None) -> None:
+        """`shared` (used by `tune`): {"shards", "data_ref", "adj_refs"} made once by the sweep driver;
+        the run then creates none of them and `close()` leaves the shards alone."""
         import ray
 
         ray_setup.init_ray(cfg.dist)
         self.data, self.cfg, self.out = data, cfg, out
         t0 = time.perf_counter()
-        parquet = canonical_parquet(data, cfg, out)
-        shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS)(ShardState)
-        self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
-                       for k in range(cfg.dist.num_shards)]
+        self._owns_shards = shared is None
+        if shared is None:
+            parquet = canonical_parquet(data, cfg, out)
+            shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS)(ShardState)
+            self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
+                           for k in range(cfg.dist.num_shards)]
+        else:
+            self.shards = list(shared["shards"])
         self.shard_info = ray.get([s.info.remote() for s in self.shards])
         self.total_pairs = sum(i["train_pairs"] for i in self.shard_info)
         # shared once, read zero-copy by every worker
-        self.data_ref = ray.put(data)
-        self.adj_refs = {norm: ray.put(normalized_adjacency(data.train_csr, norm))
-                         for norm in {cfg.teacher.norm, cfg.student.norm}}
+        if shared is None:
+            self.data_ref = ray.put(data)
+            self.adj_refs = {norm: ray.put(normalized_adjacency(data.train_csr, norm))
+                             for norm in {cfg.teacher.norm, cfg.student.norm}}
+        else:
+            self.data_ref, self.adj_refs = shared["data_ref"], dict(shared["adj_refs"])
         aux = ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers
         self.cpus = ray_setup.cpus_per_worker(cfg.dist, aux)
         self.timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
@@ -185,6 +194,8 @@ class DistributedRun:
     def close(self) -> None:
         import ray
 
+        if not self._owns_shards:
+            return
         for s in self.shards:
             ray.kill(s)
 

@@ -50,15 +50,16 @@ def torch_threads(cpus: float) -> int:
     return max(1, int(math.floor(cpus)))
 
 
-def trainer_configs(cfg: Config, name: str, out: Path, cpus: float):
-    """ScalingConfig + RunConfig for a stage (Train V2; storage always explicit)."""
+def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: list | None = None):
+    """ScalingConfig + RunConfig for a stage (Train V2; storage always explicit). `callbacks`: Train
+    callbacks, e.g. Tune's TuneReportCallback when a Tune trial launches the trainer."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 
     storage = Path(cfg.dist.storage_path or (out / "ray")).resolve()
     scaling = ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                             resources_per_worker={"CPU": cpus})
     run = RunConfig(name=name, storage_path=str(storage),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1))
+                    checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks)
     return scaling, run
 
 

@@ -26,27 +26,7 @@ TIKTOK = {"n_users": 9308, "n_items": 6710, "train": 59541, "val": 3051, "test":
 LASTFM = {"n_users": 1858, "n_items": 1425, "train": 44327, "val": 4799, "test": 7219}
 
 
-# the same tiny valid dataset as tests/test_data_malformed.py (test files do not import each other)
-TRAIN = {"0": [0, 1, 2], "1": [2, 3, 4], "2": [4, 5, 6], "3": [6, 7, 0]}
-VAL = {"0": [3], "1": [5]}
-TEST = {"0": [4], "2": [7], "3": [1]}
-
-
-def make_promptmm(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("train", TRAIN), ("val", VAL), ("test", TEST)):
-        (root / f"{name}.json").write_text(json.dumps(obj))
-    rng = np.random.default_rng(0)
-    np.save(root / "image_feat.npy", rng.standard_normal((8, 4)).astype(np.float32))
-    np.save(root / "audio_feat.npy", rng.standard_normal((8, 3)).astype(np.float16))
-    return root
-
-
-def inter_lines() -> list[str]:
-    lines = ["userID\titemID\trating\tx_label"]
-    for label, split in enumerate((TRAIN, VAL, TEST)):
-        lines += [f"{u}\t{i}\t1\t{label}" for u, items in split.items() for i in items]
-    return lines
+from tests.helpers import TEST, TRAIN, VAL, inter_lines, make_promptmm  # noqa: E402,F401
 
 
 def make_mmrec(root: Path, lines: list[str]) -> Path:

@@ -20,6 +20,10 @@ from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.train.steps import SoftRanking
 
 
+class TrainingEnded(Exception):
+    """Raised on every rank at the same epoch when the directory was asked to end training early."""
+
+
 class CacheDirectory:
     """Where published epochs are looked up (refs wrapped in lists so Ray passes them as refs)."""
 
@@ -29,6 +33,9 @@ class CacheDirectory:
         self._consumed: dict[int, dict[int, int]] = {}
         self._students: dict[int, list] = {}
         self._stopped = False
+        self._end_requested = False  # tune: the scheduler stopped this trial early
+        self._fetched: set[int] = set()
+        self._ended: set[int] = set()
 
     def publish(self, epoch: int, version: int, shard_refs: dict[int, list], items_ref: list) -> None:
         with self._cond:
@@ -36,13 +43,27 @@ class CacheDirectory:
             self._cond.notify_all()
 
     def fetch(self, epoch: int, shards: list[int], timeout: float = 3600.0):
-        """Block until `epoch` is published; (version, [[ref] per shard], [items ref])."""
+        """Block until `epoch` is published; (version, [[ref] per shard], [items ref]), or None when
+        training must end before `epoch` (see `request_end`)."""
         with self._cond:
-            ok = self._cond.wait_for(lambda: epoch in self._epochs or self._stopped, timeout)
+            ok = self._cond.wait_for(lambda: epoch in self._epochs or self._stopped or epoch in self._ended
+                                     or (self._end_requested and epoch not in self._fetched), timeout)
+            if self._end_requested and epoch not in self._fetched:
+                self._ended.add(epoch)  # decided once per epoch, so every rank sees the same answer
+            if epoch in self._ended:
+                return None
             if not ok or epoch not in self._epochs:
                 raise TimeoutError(f"soft-ranking cache: epoch {epoch} was never published")
+            self._fetched.add(epoch)
             e = self._epochs[epoch]
             return e["version"], [e["shards"][k] for k in shards], e["items"]
+
+    def request_end(self) -> None:
+        """End training cleanly before the next epoch no rank has fetched yet (a Tune scheduler
+        stopped the trial: the trainer then returns normally and Ray Train releases its workers)."""
+        with self._cond:
+            self._end_requested = True
+            self._cond.notify_all()
 
     def consumed(self, epoch: int, rank: int, nbytes: int) -> None:
         with self._cond:
@@ -201,7 +222,10 @@ class RayCacheKD:
     def epoch(self, epoch: int):
         import ray
 
-        version, shard_refs, items_ref = ray.get(self.directory.fetch.remote(epoch, self.shards))
+        got = ray.get(self.directory.fetch.remote(epoch, self.shards))
+        if got is None:
+            raise TrainingEnded(epoch)
+        version, shard_refs, items_ref = got
         parts: list[SoftRanking] = ray.get([r[0] for r in shard_refs])
         ranking = parts[0] if len(parts) == 1 else concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
         if version != self.version or self._items is None:

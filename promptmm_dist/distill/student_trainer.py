@@ -11,7 +11,7 @@ import torch
 
 from promptmm_dist.config import config_from_dict
 from promptmm_dist.data.graph import GraphPropagator
-from promptmm_dist.distill.cache import RayCacheKD
+from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
 from promptmm_dist.models.student import MODELS
 from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.student_loop import fit_student
@@ -51,8 +51,11 @@ def student_train_loop(config: dict) -> None:
                         {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
 
     report = make_reporter(files, world.rank)
-    result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world, train_module=module,
-                report=report, log=lambda m: print(m, flush=True))
+    try:
+        result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world,
+                             train_module=module, report=report, log=lambda m: print(m, flush=True))
+    except TrainingEnded:
+        return  # tune stopped the trial: the best checkpoint so far is already reported
     # one last report carrying the selected (best validation) weights: Train keeps the latest
     # checkpoint, and in local mode `result.checkpoint` is the last report's
     report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, student)
