@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from promptmm_dist.errors import ConfigError, DataError
@@ -115,8 +116,21 @@ def _handler(key: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), func)
 
 
+def _one_line_warnings() -> None:
+    """Data warnings (cold users, items never in train, ...) as `promptmm: warning: ...` lines."""
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):  # noqa: ANN001
+        if category.__name__ == "DataWarning":
+            return f"promptmm: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
     key = f"data {args.data_command}" if args.command == "data" else args.command
     try:
         return int(_handler(key)(args) or 0)

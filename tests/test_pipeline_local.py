@@ -44,7 +44,7 @@ def test_student_learns_on_synthetic(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_student_learns_on_real_tiktok_subset(tiktok_path, tmp_path):
-    data = subset_first_users(load_dataset(tiktok_path), 1500)
+    data = subset_first_users(load_dataset(tiktok_path), 800)
     cfg = tiny_config(epochs=8, batch_size=1024)
     cfg.teacher.epochs = 4
     _, s_meta = _teacher_then_student(data, cfg, tmp_path)

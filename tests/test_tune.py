@@ -17,7 +17,8 @@ from promptmm_dist.tune import space as S
 from promptmm_dist.tune.sweep import TRIAL_CPU, plan_resources
 
 TINY = ["--set", "teacher.epochs=2", "--set", "teacher.embed_dim=16", "--set", "teacher.batch_size=1024",
-        "--set", "student.embed_dim=16", "--set", "student.batch_size=1024", "--set", "student.neg_sample_num=4"]
+        "--set", "teacher.lr=0.01", "--set", "student.embed_dim=16", "--set", "student.batch_size=1024",
+        "--set", "student.lr=0.01", "--set", "student.neg_sample_num=4"]
 
 
 def _write(path: Path, obj) -> Path:
@@ -97,6 +98,48 @@ def test_resource_plan_never_oversubscribes(cpus, workers, k):
         assert plan["max_concurrent"] == int(cpus // max(workers, 1))
 
 
+@pytest.mark.timeout(120)
+def test_asha_stop_becomes_a_clean_end_request(ray_session):
+    import ray
+    from ray.tune.schedulers import TrialScheduler
+
+    from promptmm_dist.tune.hub import NAMESPACE
+    from promptmm_dist.tune.trial import GracefulASHA
+
+    @ray.remote(num_cpus=0)
+    class FakeHub:
+        def __init__(self):
+            self.asked = []
+
+        def request_stop(self, trial):
+            self.asked.append(trial)
+
+        def get(self):
+            return self.asked
+
+    hub = FakeHub.options(name="fake-hub-test", namespace=NAMESPACE).remote()
+
+    class T:
+        def __init__(self, tid, config):
+            self.trial_id, self.config = tid, config
+
+    sched = GracefulASHA("fake-hub-test", protect=[{"x": 0}], time_attr="training_iteration", max_t=4,
+                         grace_period=1, reduction_factor=2, metric="val_recall@20", mode="max")
+    trials = [T("a", {"x": 1}), T("b", {"x": 2}), T("c", {"x": 0})]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    res = lambda it, v, **kw: {"training_iteration": it, "val_recall@20": v, **kw}  # noqa: E731
+    assert sched.on_trial_result(None, trials[0], res(1, 0.5)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials[1], res(1, 0.1)) == TrialScheduler.CONTINUE  # ASHA: STOP
+    assert sched.on_trial_result(None, trials[2], res(1, 0.05)) == TrialScheduler.CONTINUE  # protected
+    assert sched.on_trial_result(None, trials[0], res(5, 0.6, final=1)) == TrialScheduler.CONTINUE
+    for _ in range(3):  # the stopped trial may report an epoch or so more before it ends
+        assert sched.on_trial_result(None, trials[1], res(2, 0.1)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials[1], res(2, 0.1)) == TrialScheduler.STOP  # ignored: hard stop
+    assert ray.get(hub.get.remote()) == ["b"] and sched.graceful_stops == 1
+    ray.kill(hub)
+
+
 @pytest.mark.timeout(60)
 def test_directory_ends_training_at_the_same_epoch_on_every_rank():
     d = CacheDirectory()
@@ -158,6 +201,8 @@ def test_asha_sweep_on_real_subset_shares_one_teacher(ray_session, tiktok_path, 
     assert metrics["sweep"]["scheduler"] == "asha" and metrics["default"]["trial_id"]
     assert all(int(r["epochs_run"]) <= 4 for r in rows)
     assert all(r["stop_reason"] in ("", "asha", "patience") for r in rows)
+    default = next(r for r in rows if r["trial_id"] == metrics["default"]["trial_id"])
+    assert default["stop_reason"] != "asha"  # the baseline always trains to the end
 
 
 @pytest.mark.slow

@@ -88,6 +88,9 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
             summary = {**summary, "epoch": epoch, "val_recall@20_before": row.get("val", {}).get("recall@20")}
             rounds.append(summary)
             row["prompt_round"] = summary
+            if world.is_main and "round_loss" in summary:
+                log(f"prompt round after epoch {epoch}: loss {summary['round_loss']:.4f}, "
+                    f"cache version {summary.get('cache_version')}")
         row["epoch_s"] = time.perf_counter() - te
         history.append(row)
         if world.is_main and "val" in row:
