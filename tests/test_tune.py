@@ -232,4 +232,5 @@ def test_fifo_sweep_with_teacher_pool_then_resume(ray_session, tmp_path):
     assert main([*args, "--resume"]) == 0  # finished trials are kept; nothing is retrained
     again = json.loads((out / "metrics.json").read_text())
     assert {r["trial_id"] for r in _rows(out)} == {r["trial_id"] for r in rows}
-    assert again["teachers"]["trained"] == 0 and again["best"]["trial_id"] == metrics["best"]["trial_id"]
+    assert again["teachers"]["trained"] == 0 and again["teachers"]["trained_total"] == 2
+    assert again["best"]["trial_id"] == metrics["best"]["trial_id"]

@@ -55,6 +55,23 @@ def row_normalized(train_csr: sp.csr_matrix) -> sp.csr_matrix:
     return out
 
 
+class _ScipySpMM(torch.autograd.Function):
+    """y = A x with a scipy CSR matrix: forward A x, backward A^T g (A^T precomputed).
+
+    On CPU this is ~6x faster than autograd through a torch sparse CSR tensor, whose backward
+    rebuilds the transpose at every call (0.05 s vs 0.32 s per hop on Tiktok, 64 columns).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, adj: sp.csr_matrix, adj_t: sp.csr_matrix) -> torch.Tensor:  # noqa: ANN001
+        ctx.adj_t = adj_t
+        return torch.from_numpy(adj @ x.detach().contiguous().numpy())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        return torch.from_numpy(ctx.adj_t @ grad.contiguous().numpy()), None, None
+
+
 class GraphPropagator:
     """One `propagate(x)` call = one hop over the normalised graph.
 
@@ -66,14 +83,27 @@ class GraphPropagator:
     def __init__(self, adj: sp.csr_matrix, n_users: int, n_items: int) -> None:
         self.n_users = n_users
         self.n_items = n_items
-        self.adj = to_torch_sparse(adj)
+        self.adj_csr = adj.astype(np.float32).tocsr()
+        symmetric = (abs(self.adj_csr - self.adj_csr.T) > 1e-7).nnz == 0
+        self.adj_t_csr = self.adj_csr if symmetric else self.adj_csr.T.tocsr()
+        self._torch_adj: torch.Tensor | None = None  # for accelerator tensors only
+
+    @property
+    def adj(self) -> torch.Tensor:
+        if self._torch_adj is None:
+            self._torch_adj = to_torch_sparse(self.adj_csr)
+        return self._torch_adj
 
     @classmethod
     def from_train(cls, train_csr: sp.csr_matrix, norm: str = "sym") -> "GraphPropagator":
         return cls(normalized_adjacency(train_csr, norm), *train_csr.shape)
 
     def propagate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adj @ x
+        if x.device.type != "cpu":
+            return self.adj.to(x.device) @ x
+        if x.dtype != torch.float32:
+            x = x.float()
+        return _ScipySpMM.apply(x, self.adj_csr, self.adj_t_csr)
 
     def layer_mean(self, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
         """LightGCN readout: mean of x0, Ax0, ..., A^L x0."""

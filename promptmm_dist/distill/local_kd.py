@@ -66,13 +66,9 @@ class InProcessTeacherKD:
         every = self.cfg.prompt.refresh_epochs
         if every <= 0 or (epoch + 1) % every != 0:
             return None
-        for p in self.teacher.prompt.parameters():
-            p.requires_grad_(True)
         info = prompt_round(self.teacher, self.graph, user_emb, item_emb,
                             getattr(self.student, "projector", None), self.sampler, self.cfg,
                             seed=epoch_seed(self.cfg.seed + 1, epoch, self.shard), optimizer=self._prompt_opt)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.version += 1
         self._out = None
         return {**info, "cache_version": self.version}

@@ -24,9 +24,9 @@ def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user:
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     """`cfg.prompt.round_steps` optimiser steps on the prompt; returns the mean round loss."""
     sc, pc = cfg.student, cfg.prompt
-    frozen = [p for n, p in teacher.named_parameters() if not n.startswith("prompt.")]
-    for p in frozen:
-        p.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    for n, p in teacher.named_parameters():
+        p.requires_grad_(n.startswith("prompt."))  # autograd to the prompt only
     teacher.eval()
     teacher.prompt.train()
     opt = optimizer or torch.optim.Adam(teacher.prompt.parameters(), lr=pc.lr)
@@ -72,7 +72,7 @@ def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user:
             opt.step()
             total += float(loss.detach())
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        for n, p in teacher.named_parameters():
+            p.requires_grad_(flags[n])
         teacher.eval()
     return {"round_loss": total / max(pc.round_steps, 1), "steps": pc.round_steps}

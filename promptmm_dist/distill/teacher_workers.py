@@ -79,13 +79,9 @@ class TeacherWorker:
             projector.weight.data.copy_(w)
         if self._sampler is None:
             self._sampler = TrainSampler(self.data.train_csr)
-        for p in self.teacher.prompt.parameters():
-            p.requires_grad_(True)
         info = prompt_round(self.teacher, self.graph, torch.as_tensor(np.asarray(user)),
                             torch.as_tensor(np.asarray(item)), projector, self._sampler, self.cfg, seed,
                             optimizer=self._prompt_opt)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1
         self._out = None

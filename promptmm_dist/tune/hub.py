@@ -31,6 +31,8 @@ from promptmm_dist.run_io import write_json
 
 NAMESPACE = "promptmm_tune"
 READY = "READY.json"  # written when a teacher folder is complete (resume reuses it)
+# Worker processes start slowly on a loaded machine; Train's default 60 s start timeout only causes retries.
+TRAIN_START_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def log(msg: str) -> None:
@@ -192,7 +194,12 @@ class TeacherHub:
     """Trains each distinct teacher once and hands out the shared caches (see module docstring)."""
 
     def __init__(self, data_box: list, shared: dict, folder: str, plan: dict) -> None:
+        import os
+
         import ray
+
+        for k, v in TRAIN_START_ENV.items():
+            os.environ.setdefault(k, v)
 
         self.data_ref = data_box[0]
         self.data = ray.get(self.data_ref)
@@ -360,11 +367,16 @@ class TeacherHub:
         return {"teachers": teachers, "caches": live + list(self._retired)}
 
     def _save(self) -> None:
+        """teachers.json: every teacher of the sweep (earlier runs of a resumed sweep included)."""
         with self._save_lock:
+            path = self.folder / "teachers.json"
+            rows = json.loads(path.read_text()) if path.exists() else {}
             with self._lock:
-                rows = {sig: {k: v for k, v in rec.items() if k not in ("event", "trials")}
-                        | {"trials": sorted(rec["trials"])} for sig, rec in self._teachers.items()}
-            write_json(self.folder / "teachers.json", rows)
+                for sig, rec in self._teachers.items():
+                    if rec.get("source") == "trained":
+                        rows[sig] = {k: v for k, v in rec.items() if k not in ("event", "trials")} | {
+                            "trials": sorted(rec["trials"])}
+            write_json(path, rows)
 
     def shutdown(self) -> None:
         import ray

@@ -65,7 +65,7 @@ def collect_trials(out: Path, results, pool: list, base: Config, keys: list[str]
             reason = "error"
         elif done is None:
             reason = "killed"
-        elif done.get("stopped_by_scheduler"):
+        elif done.get("stopped_by_scheduler") and len(epochs) < epochs_max:
             reason = "asha"
         elif len(epochs) < epochs_max:
             reason = "patience"
@@ -181,7 +181,7 @@ def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Co
         if default_row is not None:
             metrics["default"] = (metrics["best"] if default_row is best
                                   else _evaluate_row(default_row, base, data, shards, None))
-    teachers = teacher_summary(hub_stats, rows)
+    teachers = teacher_summary(hub_stats, rows, out / "teachers")
     cache = cache_summary(hub_stats)
     n_asha = sum(r["stop_reason"] == "asha" for r in rows)
     metrics["sweep"] = {
@@ -194,37 +194,48 @@ def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Co
         "max_concurrent": plan["max_concurrent"], "train_workers_per_trial": plan["workers"],
         "cpus_per_worker": plan["cpus_per_worker"], "teacher_pool": len(pool), "search_space": space.source,
         "wall_s": round(wall_s, 1)}
+    finished = sum(r["stop_reason"] != "killed" for r in rows)
+    metrics["sweep"]["interrupted"] = finished < state["num_samples"]
     metrics["teachers"], metrics["cache"] = teachers, cache
     metrics["timings"] = {"total_s": round(wall_s, 1)}
     log(f"tune: {len(rows)} trials in {wall_s:.0f}s; ASHA stopped {n_asha} early, "
         f"{metrics['sweep']['epochs_run']}/{metrics['sweep']['epochs_max']} student epochs run")
-    log(f"tune: teachers: {teachers['distinct']} distinct setting(s), {teachers['trained']} trained "
-        f"({teachers['trained_s']:.0f}s), {teachers['reused_from_disk']} reused from disk; {teachers['trials']} "
-        f"trials -> {teachers['trainings_avoided']} teacher trainings avoided (~{teachers['saved_s']:.0f}s)")
+    log(f"tune: teachers: {teachers['distinct']} distinct setting(s) for {teachers['trials']} trials; "
+        f"{teachers['trained']} trained now ({teachers['trained_s']:.0f}s), {teachers['reused_from_disk']} reused "
+        f"from disk; sharing avoided {teachers['trainings_avoided']} teacher trainings (~{teachers['saved_s']:.0f}s)")
     log(f"tune: soft rankings: {cache['epochs_served']} epoch requests served from {cache['epochs_computed']} "
         f"computed epochs ({cache['epochs_saved']} teacher passes avoided, ~{cache['saved_s']:.1f}s; "
         f"{cache['recomputed']} recomputed after being freed; at most {cache['max_held']} epochs held per teacher, "
         f"{cache['bytes_per_epoch'] / 2**20:.1f} MiB each)")
+    if metrics["sweep"]["interrupted"]:
+        log(f"tune: the sweep was interrupted ({finished}/{state['num_samples']} trials finished); outputs cover "
+            f"the finished trials; continue it with --resume")
     plots = write_plots(out, rows, space, best)
     write_summary(out, rows, keys, metrics, plots)
     return metrics
 
 
-def teacher_summary(hub_stats: dict, rows: list[dict]) -> dict:
-    teachers = hub_stats.get("teachers", {})
-    trained = {s: t for s, t in teachers.items() if t.get("source") == "trained" and t.get("state") == "ready"}
-    disk = {s: t for s, t in teachers.items() if t.get("source") == "disk"}
-    n_trials = {s: len(t.get("trials", [])) for s, t in teachers.items()}
-    saved = sum((n_trials[s] - (1 if s in trained else 0)) * float(t.get("train_s", 0.0))
-                for s, t in teachers.items() if t.get("state") == "ready")
-    return {"distinct": len(teachers), "trained": len(trained), "reused_from_disk": len(disk),
-            "trials": sum(n_trials.values()), "trainings_avoided": sum(n_trials.values()) - len(trained),
-            "trained_s": round(sum(float(t.get("train_s", 0.0)) for t in trained.values()), 1),
-            "saved_s": round(saved, 1),
-            "per_teacher": {s: {"trials": n_trials[s], "train_s": round(float(t.get("train_s", 0.0)), 1),
-                                "source": t.get("source"), "trained_by": t.get("trained_by"),
-                                "val_recall@20": (t.get("val") or {}).get("recall@20")}
-                            for s, t in teachers.items()}}
+def teacher_summary(hub_stats: dict, rows: list[dict], folder: Path) -> dict:
+    """Teachers of the whole sweep (a resumed sweep included): how many were trained, how many trials
+    used each, and the teacher trainings the sharing avoided (each trial would otherwise train one)."""
+    path = folder / "teachers.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    now = hub_stats.get("teachers", {})
+    trained_now = [s for s, t in now.items() if t.get("source") == "trained" and t.get("state") == "ready"]
+    per_trial: dict[str, int] = {}
+    for r in rows:
+        per_trial[r["teacher"]] = per_trial.get(r["teacher"], 0) + 1
+    train_s = {s: float(t.get("train_s", 0.0)) for s, t in known.items()}
+    trained_total = len([s for s in per_trial if s in known])
+    return {"distinct": len(per_trial), "trained": len(trained_now), "trained_total": trained_total,
+            "reused_from_disk": len([s for s, t in now.items() if t.get("source") == "disk"]),
+            "trials": len(rows), "trainings_avoided": len(rows) - trained_total,
+            "trained_s": round(sum(train_s.get(s, 0.0) for s in trained_now), 1),
+            "saved_s": round(sum((n - 1) * train_s.get(s, 0.0) for s, n in per_trial.items()), 1),
+            "per_teacher": {s: {"trials": n, "train_s": round(train_s.get(s, 0.0), 1),
+                                "trained_by": known.get(s, {}).get("trained_by"),
+                                "val_recall@20": (known.get(s, {}).get("val") or {}).get("recall@20")}
+                            for s, n in per_trial.items()}}
 
 
 def cache_summary(hub_stats: dict) -> dict:
@@ -302,8 +313,8 @@ def write_summary(out: Path, rows: list[dict], keys: list[str], metrics: dict, p
                          f"**test** recall@20 {m['test']['recall@20']:.4f} ndcg@20 {m['test']['ndcg@20']:.4f}")
             lines.append("")
     t, c = metrics["teachers"], metrics["cache"]
-    lines += [f"Teachers: {t['distinct']} distinct setting(s), {t['trained']} trained ({t['trained_s']:.0f}s), "
-              f"{t['trainings_avoided']} trainings avoided (~{t['saved_s']:.0f}s). Soft rankings: "
+    lines += [f"Teachers: {t['distinct']} distinct setting(s) for {t['trials']} trials, each trained once "
+              f"({t['trainings_avoided']} trainings avoided, ~{t['saved_s']:.0f}s). Soft rankings: "
               f"{c['epochs_served']} epoch requests served from {c['epochs_computed']} computed epochs.", "",
               "Selection on validation only; test is evaluated once, for the selected trial (and the base configuration).",
               ""]

@@ -86,7 +86,8 @@ def tune_command(args: argparse.Namespace) -> int:
     finally:
         if started:
             ray.shutdown()
-    return finish(out, metrics, args)
+    rc = finish(out, metrics, args)
+    return 130 if metrics.get("sweep", {}).get("interrupted") else rc
 
 
 def _space_and_state(args, cfg: Config, out: Path, state_path: Path, tune_dir: Path):

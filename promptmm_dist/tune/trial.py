@@ -24,12 +24,10 @@ from typing import Any
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from promptmm_dist.tune import space as S
-from promptmm_dist.tune.hub import NAMESPACE, SharedCacheProducer
+from promptmm_dist.tune.hub import NAMESPACE, TRAIN_START_ENV, SharedCacheProducer
 
 METRIC = "val_recall@20"
 DONE = "trial.json"  # written by a trial that returned (stopped by ASHA or not)
-# Worker processes start slowly on a loaded machine; a short start timeout only causes retries.
-TRIAL_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def log(msg: str) -> None:
@@ -51,7 +49,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from promptmm_dist.distill.teacher_workers import TeacherWorker
     from promptmm_dist.pipeline import hard_token_cache
 
-    for k, v in {**ray_setup.TRAIN_ENV, **TRIAL_ENV}.items():
+    for k, v in {**ray_setup.TRAIN_ENV, **TRAIN_START_ENV}.items():
         os.environ.setdefault(k, v)
     t_start = time.perf_counter()
     trial = tune.get_context().get_trial_id()
@@ -64,6 +62,10 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     cfg.student.eval_every = 1  # ASHA reads validation recall@20 every epoch
     sig = S.teacher_signature(cfg, spec["manifest"])
     out = Path(spec["folder"]) / "trials" / trial
+    if out.exists():  # a trial rerun after an interrupted sweep starts from scratch
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     cfg_dict = cfg.to_dict()
