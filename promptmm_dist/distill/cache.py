@@ -160,18 +160,24 @@ class SoftRankingCache:
         self.stats.epochs_published += 1
         self.stats.max_epochs_held = max(self.stats.max_epochs_held, len(self.refs))
 
-    def _release(self, epoch: int) -> bool:
-        """Wait for every rank to consume `epoch`, then free it (drop the driver's refs)."""
+    def _wait_started(self, epoch: int) -> bool:
+        """Block until every rank has fetched `epoch` (so all are done with the epoch before it)."""
         import ray
 
         while not self._stop.is_set():
             got = ray.get(self.directory.wait_consumed.remote(epoch, self.n_ranks, 1.0))
             if got is not None:
                 self.stats.bytes_per_epoch.append(int(sum(got.values())))
-                ray.get(self.directory.drop.remote(epoch))
-                self.refs.pop(epoch, None)
                 return True
         return False
+
+    def _drop(self, epoch: int) -> None:
+        """Free a finished epoch: the directory forgets it and the driver drops its refs."""
+        import ray
+
+        if epoch in self.refs:
+            ray.get(self.directory.drop.remote(epoch))
+            del self.refs[epoch]
 
     def _prompt_round(self, epoch: int) -> bool:
         import ray
@@ -197,8 +203,11 @@ class SoftRankingCache:
             for epoch in range(self.epochs):
                 if self._stop.is_set():
                     return
-                if epoch >= 2 and not self._release(epoch - 2):
+                # students are on epoch-1 once they all fetched it: epoch-2 is finished, so at most
+                # two epochs (the one being trained and the one prefetched) are ever held
+                if epoch >= 1 and not self._wait_started(epoch - 1):
                     return
+                self._drop(epoch - 2)
                 self._publish(epoch)
                 if self.refresh > 0 and (epoch + 1) % self.refresh == 0 and epoch + 1 < self.epochs:
                     # the next epoch must see the new prompt: it is produced after the round

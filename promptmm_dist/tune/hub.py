@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from promptmm_dist.config import config_from_dict
 from promptmm_dist.distill.cache import SoftRankingCache
@@ -429,13 +428,12 @@ class SharedCacheProducer(SoftRankingCache):
         self.stats.epochs_published += 1
         self.stats.max_epochs_held = max(self.stats.max_epochs_held, len(self.refs))
 
-    def _release(self, epoch: int) -> bool:
-        ok = super()._release(epoch)
-        if ok and epoch in self._shared_epochs:
+    def _drop(self, epoch: int) -> None:
+        super()._drop(epoch)
+        if epoch in self._shared_epochs:
             self._shared_epochs.discard(epoch)
             if not self._left:
                 self.shared.release.remote(epoch, self.trial)
-        return ok
 
     def _prompt_round(self, epoch: int) -> bool:
         ok = super()._prompt_round(epoch)

@@ -81,8 +81,13 @@ def tune_command(args: argparse.Namespace) -> int:
     space, state = _space_and_state(args, cfg, out, state_path, tune_dir)
     started = not ray.is_initialized()
     ray_setup.init_ray(cfg.dist)
+    import contextlib
+
+    # --json: stdout carries the metrics object only (Tune's progress tables go to stderr)
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        metrics = _sweep(args, cfg, out, space, state)
+        with quiet:
+            metrics = _sweep(args, cfg, out, space, state)
     finally:
         if started:
             ray.shutdown()
