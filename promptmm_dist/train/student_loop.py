@@ -38,6 +38,31 @@ def batch_bounds(n: int, n_steps: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagator, kd: KDSource,
+                epoch: int, opt: torch.optim.Optimizer, sc, n_steps: int, world: World | None = None,
+                stage: str = "student") -> tuple[dict[str, float], float]:
+    """One pass over this rank's epoch samples; (mean loss parts, seconds spent waiting for KD data)."""
+    te = time.perf_counter()
+    ranking, teacher_items, has_teacher = kd.epoch(epoch)
+    wait_s = time.perf_counter() - te
+    student.train()
+    sums: dict[str, float] = {}
+    for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
+        part = ranking.slice(lo, hi)
+        user_emb, item_emb = module(graph)
+        loss, parts = student_loss(
+            user_emb, item_emb, student.base_embeddings(), student.projector,
+            torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
+            torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
+            teacher=part if has_teacher else None, teacher_items=teacher_items)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v / n_steps
+    return sums, wait_s
+
+
 def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: GraphPropagator,
                 kd: KDSource, total_pairs: int, world: World | None = None,
                 train_module: torch.nn.Module | None = None,
@@ -55,23 +80,7 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
     epoch = 0
     for epoch in range(sc.epochs):
         te = time.perf_counter()
-        ranking, teacher_items, has_teacher = kd.epoch(epoch)
-        wait_s = time.perf_counter() - te
-        student.train()
-        sums: dict[str, float] = {}
-        for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
-            part = ranking.slice(lo, hi)
-            user_emb, item_emb = module(graph)
-            loss, parts = student_loss(
-                user_emb, item_emb, student.base_embeddings(), student.projector,
-                torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
-                torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
-                teacher=part if has_teacher else None, teacher_items=teacher_items)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v / n_steps
+        sums, wait_s = train_epoch(student, module, graph, kd, epoch, opt, sc, n_steps, world, stage)
         row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()},
                "train_s": time.perf_counter() - te, "kd_wait_s": wait_s}
         student.eval()
