@@ -284,7 +284,11 @@ def write_plots(out: Path, rows: list[dict], space: S.SearchSpace, best: dict | 
             if p[3]:
                 ax.scatter([p[0]], [p[1]], s=160, facecolors="none", edgecolors="red", label="best")
         if space.is_log(key):
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(key)
         ax.set_ylabel("best validation recall@20")
         ax.set_title(f"validation recall@20 vs {key.split('.')[-1]}")

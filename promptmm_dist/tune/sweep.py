@@ -142,7 +142,7 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
     plan = plan_resources(base, float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)),
                           num_samples, state.get("plan", {}).get("max_concurrent") or args.max_concurrent)
     plan["cache_keep_mb"] = float(space.options["cache_keep_mb"])
-    plan["max_idle_caches"] = 2
+    plan["max_idle_caches"] = max(2, len(pool))  # a pool's teachers stay loaded between their trials
     state["plan"] = plan
     from promptmm_dist.run_io import write_json
     write_json(out / STATE, state)
