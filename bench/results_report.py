@@ -40,7 +40,8 @@ def _config(data_path: str, overrides: list[str], seed: int):
     return cfg
 
 
-def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | None, threads: int) -> dict:
+def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | None, threads: int,
+            extra: tuple[str, ...] = ()) -> dict:
     import torch
 
     from promptmm_dist.data.formats import load_dataset
@@ -51,12 +52,12 @@ def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | N
     t0 = time.perf_counter()
     folder = Path(out) / f"{name}_seed{seed}"
     if name == "teacher":
-        cfg = _config(data_path, [], seed)
+        cfg = _config(data_path, list(extra), seed)
         _, meta = teacher_stage(data, cfg, folder)
         params, inference = meta["teacher_params"], meta["teacher_params"]
     else:
         model, overrides = ROWS[name]
-        cfg = _config(data_path, overrides, seed)
+        cfg = _config(data_path, [*extra, *overrides], seed)
         teacher = load_teacher(data, cfg, Path(teacher_dir)) if model == "student" else None
         _, meta = student_stage(data, cfg, folder, teacher, model="lightgcn" if model == "student" else model)
         params, inference = meta["student_total"], meta["student_inference"]
@@ -102,6 +103,7 @@ def main() -> None:
                                       "frozen_prompt,dkd_list_kd")
     ap.add_argument("--out", default="runs/report")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained in parallel (1 torch thread each)")
+    ap.add_argument("--set", action="append", default=[], help="config override for every row")
     ap.add_argument("--teacher", default=None, help="reuse this trained teacher run folder (its config must "
                                                     "match the dataset YAML) instead of training one")
     args = ap.parse_args()
@@ -115,12 +117,12 @@ def main() -> None:
     if args.teacher:
         results.append(teacher_row(Path(args.teacher)))
     elif "teacher" in names or any(ROWS.get(n, ("",))[0] == "student" for n in names):
-        results.append(run_row("teacher", data_path, 0, str(out), None, 2))
+        results.append(run_row("teacher", data_path, 0, str(out), None, 2, tuple(args.set)))
     if results:
         print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
     jobs = [(n, s) for n in names if n != "teacher" for s in (range(args.seeds) if n in HEADLINE else [0])]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads) for n, s in jobs]
+        futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads, tuple(args.set)) for n, s in jobs]
         for f in futures:
             results.append(f.result())
             r = results[-1]
@@ -137,7 +139,9 @@ def main() -> None:
     if gain is not None:
         table += f"\n\nstudent vs LightGCN (mean of {args.seeds} seeds): {gain * 100:+.1f}% recall@20"
     table += f"\n\ntotal wall time {time.perf_counter() - t0:.0f}s"
-    emit(f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results,
+    if args.set:
+        table += f"\n\noverrides for every row: {' '.join(args.set)}"
+    emit(f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results, "overrides": args.set,
                                      "student_gain_over_lightgcn": gain}, table)
 
 
