@@ -71,6 +71,18 @@ def flat_metrics(row: dict) -> dict:
     return flat
 
 
+def quiet_train_reports() -> None:
+    """Ray Train V2 logs every report's full metrics dict at INFO from a logger named after its source
+    file; the epoch line we print already says it in one line."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray without Train V2's module layout: keep its logging as it is
+        pass
+
+
 def make_reporter(files: Callable[[Path], None], rank: int) -> Callable[[dict, object], None]:
     """Report every epoch from every rank (Train requires equal counts); rank 0 attaches a
     checkpoint (written by `files(folder)`) when the epoch is the new validation best.
@@ -82,7 +94,7 @@ def make_reporter(files: Callable[[Path], None], rank: int) -> Callable[[dict, o
 
     import ray.train
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no per-epoch dict dumps in the log
+    quiet_train_reports()
     previous: list[str] = []
     history: list[dict] = []  # travels inside every checkpoint: local mode keeps no metrics history
 
