@@ -234,3 +234,4 @@ def test_fifo_sweep_with_teacher_pool_then_resume(ray_session, tmp_path):
     assert {r["trial_id"] for r in _rows(out)} == {r["trial_id"] for r in rows}
     assert again["teachers"]["trained"] == 0 and again["teachers"]["trained_total"] == 2
     assert again["best"]["trial_id"] == metrics["best"]["trial_id"]
+    assert again["cache"]["epochs_served"] == metrics["cache"]["epochs_served"] > 0  # whole-sweep figures

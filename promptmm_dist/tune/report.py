@@ -182,7 +182,7 @@ def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Co
             metrics["default"] = (metrics["best"] if default_row is best
                                   else _evaluate_row(default_row, base, data, shards, None))
     teachers = teacher_summary(hub_stats, rows, out / "teachers")
-    cache = cache_summary(hub_stats)
+    cache = _accumulate(out / "teachers" / "cache_runs.json", cache_summary(hub_stats))
     n_asha = sum(r["stop_reason"] == "asha" for r in rows)
     metrics["sweep"] = {
         "trials": len(rows), "num_samples": state["num_samples"], "scheduler": state["scheduler"],
@@ -250,6 +250,19 @@ def cache_summary(hub_stats: dict) -> dict:
             "teacher_loads": len(caches), "trials_served": sum(c["trials"] for c in caches),
             "max_held": max((c["max_held"] for c in caches), default=0),
             "bytes_per_epoch": max((c["bytes_per_epoch"] for c in caches), default=0)}
+
+
+def _accumulate(path: Path, now: dict) -> dict:
+    """Cache figures of the whole sweep: a resumed sweep adds this invocation's to the earlier ones."""
+    from promptmm_dist.run_io import write_json
+
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(now)
+    write_json(path, runs)
+    total = {k: sum(r.get(k, 0) for r in runs) for k in now if k not in ("max_held", "bytes_per_epoch")}
+    total.update({k: max(r.get(k, 0) for r in runs) for k in ("max_held", "bytes_per_epoch")})
+    total["invocations"] = len(runs)
+    return total
 
 
 def _fmt(v: Any) -> str:
