@@ -5,7 +5,9 @@ epoch for the baselines, the teacher, the PromptMM student and its ablations, un
     python bench/results_report.py --dataset lastfm2k --seeds 3 --rows lightgcn,teacher,student
 
 Each row runs the local (in-process) pipeline with the dataset's YAML defaults plus the row's
-overrides. The teacher is trained once (seed 0) and shared by every student row.
+overrides. The teacher is trained once (seed 0) and shared by every student row. A row whose folder
+under --out already holds a finished run with the same config is read back, not retrained, so an
+interrupted report resumes (and rows can be run in separate invocations).
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ def _config(data_path: str, overrides: list[str], seed: int):
     return cfg
 
 
+def row_config(name: str, data_path: str, seed: int, extra: tuple[str, ...] = ()):
+    overrides = [] if name == "teacher" else ROWS[name][1]
+    return _config(data_path, [*extra, *overrides], seed)
+
+
+def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[str, ...] = ()) -> dict | None:
+    """The result of an earlier run of this row, if its folder holds one with the same config
+    (so an interrupted report resumes where it stopped)."""
+    import json
+
+    import yaml
+
+    stage = "teacher" if name == "teacher" else ("student" if ROWS[name][0] == "student" else ROWS[name][0])
+    folder = Path(out) / f"{name}_seed{seed}" / stage
+    if not (folder / "meta.json").exists() or not (folder / "config.yaml").exists():
+        return None
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    wanted = row_config(name, data_path, seed, extra).to_dict()
+    if {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
+        return None
+    meta = json.loads((folder / "meta.json").read_text())
+    params = meta.get("teacher_params") if name == "teacher" else meta["student_total"]
+    inference = params if name == "teacher" else meta["student_inference"]
+    test, val = meta["test"], meta["val"]
+    return {"row": name, "seed": seed, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
+            "precision@20": test["precision@20"], "legacy_ndcg@20": test["legacy_ndcg@20"],
+            "val_recall@20": val["recall@20"], "best_epoch": meta["best_epoch"], "params": params,
+            "inference_params": inference, "train_s": meta["train_seconds"], "reused": True}
+
+
 def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | None, threads: int,
             extra: tuple[str, ...] = ()) -> dict:
     import torch
@@ -47,6 +79,9 @@ def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | N
     from promptmm_dist.data.formats import load_dataset
     from promptmm_dist.pipeline import load_teacher, student_stage, teacher_stage
 
+    done = finished_row(name, data_path, seed, out, extra)
+    if done is not None:
+        return done
     torch.set_num_threads(threads)
     data = load_dataset(data_path)
     t0 = time.perf_counter()

@@ -105,8 +105,7 @@ class DistributedRun:
         config = {**self._loop_config(self.cfg.teacher.norm), "shards": self.shards}
         result = self._fit(teacher_train_loop, "teacher", config)
         folder = self.out / "teacher"
-        with result.checkpoint.as_directory() as d:
-            _copy_tree(Path(d), folder)
+        _take_checkpoint(result, folder)
         teacher = self.load_teacher(folder)
         with torch.no_grad():
             o = teacher(GraphPropagator.from_train(self.data.train_csr, self.cfg.teacher.norm))
@@ -147,8 +146,7 @@ class DistributedRun:
         if cache.error is not None:
             raise cache.error
         folder = self.out / "student"
-        with result.checkpoint.as_directory() as d:
-            _copy_tree(Path(d), folder)
+        _take_checkpoint(result, folder)
         student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
                            teacher_dim=cfg.teacher.embed_dim)
         student.load_state_dict(load_state(folder / "student.pt"))
@@ -207,6 +205,13 @@ def _copy_tree(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file():
             shutil.copy2(f, dst / f.name)
+
+
+def _take_checkpoint(result, folder: Path) -> None:
+    """Copy the run's final checkpoint into the run folder (and drop a local-mode staging copy)."""
+    with result.checkpoint.as_directory() as d:
+        _copy_tree(Path(d), folder)
+    ray_setup.release_staged_checkpoint(result.checkpoint.path)
 
 
 def _history(folder: Path) -> list[dict]:
