@@ -47,6 +47,23 @@ def row_config(name: str, data_path: str, seed: int, extra: tuple[str, ...] = ()
     return _config(data_path, [*extra, *overrides], seed)
 
 
+# settings a no-KD baseline row never reads: changing them does not invalidate its finished run
+KD_ONLY = ("tau", "lambda_pair", "lambda_list", "lambda_emb", "emb_alpha", "neg_sample_num",
+           "list_users_per_batch", "list_modal_weight", "list_fused_weight", "list_kd", "dkd_alpha",
+           "dkd_beta", "init_from_teacher")
+
+
+def _relevant(name: str, cfg: dict) -> dict:
+    """The part of a config that determines a row's result."""
+    keep = {k: v for k, v in cfg.items() if k not in ("out", "dist")}
+    if name != "teacher" and ROWS[name][0] != "student":  # baselines: no teacher, no prompt, no KD
+        keep = {k: v for k, v in keep.items() if k not in ("teacher", "prompt")}
+        keep["student"] = {k: v for k, v in keep["student"].items() if k not in KD_ONLY}
+    if name == "teacher":
+        keep.pop("student", None)
+    return keep
+
+
 def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[str, ...] = ()) -> dict | None:
     """The result of an earlier run of this row, if its folder holds one with the same config
     (so an interrupted report resumes where it stopped)."""
@@ -60,7 +77,7 @@ def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[st
         return None
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     wanted = row_config(name, data_path, seed, extra).to_dict()
-    if {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in wanted.items() if k != "out"}:
+    if _relevant(name, saved) != _relevant(name, wanted):
         return None
     meta = json.loads((folder / "meta.json").read_text())
     params = meta.get("teacher_params") if name == "teacher" else meta["student_total"]
@@ -125,6 +142,8 @@ def summarise(results: list[dict]) -> list[dict]:
         for key in ("recall@20", "ndcg@20", "precision@20", "legacy_ndcg@20", "val_recall@20", "train_s"):
             row[key] = statistics.mean(r[key] for r in rs)
         row["recall@20_sd"] = statistics.stdev(rec) if len(rec) > 1 else 0.0
+        row["per_seed"] = ", ".join(f"{v:.4f}" for v in rec)
+        row["best_epochs"] = ", ".join(str(r["best_epoch"]) for r in rs)
         row["params"], row["inference_params"] = rs[0]["params"], rs[0]["inference_params"]
         rows.append(row)
     return rows
@@ -168,12 +187,14 @@ def main() -> None:
     gain = None
     if "lightgcn" in by and "student" in by:
         gain = by["student"]["recall@20"] / by["lightgcn"]["recall@20"] - 1
-    cols = ["row", "seeds", "recall@20", "recall@20_sd", "ndcg@20", "precision@20", "legacy_ndcg@20",
-            "val_recall@20", "params", "inference_params", "train_s"]
+    cols = ["row", "seeds", "recall@20", "recall@20_sd", "per_seed", "ndcg@20", "precision@20", "legacy_ndcg@20",
+            "val_recall@20", "best_epochs", "params", "inference_params", "train_s"]
     table = f"### {args.dataset}: test metrics at the validation-selected epoch\n\n" + markdown_table(rows, cols)
     if gain is not None:
         table += f"\n\nstudent vs LightGCN (mean of {args.seeds} seeds): {gain * 100:+.1f}% recall@20"
-    table += f"\n\ntotal wall time {time.perf_counter() - t0:.0f}s"
+    reused = sum(1 for r in results if r.get("reused"))
+    table += (f"\n\ntraining time summed over all runs {sum(r['train_s'] for r in results):.0f}s; this invocation "
+              f"{time.perf_counter() - t0:.0f}s wall ({reused} of {len(results)} runs read back from earlier invocations)")
     if args.set:
         table += f"\n\noverrides for every row: {' '.join(args.set)}"
     emit(f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results, "overrides": args.set,
