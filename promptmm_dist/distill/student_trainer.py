@@ -14,6 +14,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
 from promptmm_dist.models.student import MODELS
 from promptmm_dist.run_io import save_checkpoint
+from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.student_loop import fit_student
 from promptmm_dist.train.teacher_trainer import rank_shards
 from promptmm_dist.train.world import World
@@ -53,7 +54,7 @@ def student_train_loop(config: dict) -> None:
     report = make_reporter(files, world.rank)
     try:
         result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world,
-                             train_module=module, report=report, log=lambda m: print(m, flush=True))
+                             train_module=module, report=report, log=worker_log)
     except TrainingEnded:
         return  # tune stopped the trial: the best checkpoint so far is already reported
     # one last report carrying the selected (best validation) weights: Train keeps the latest

@@ -79,8 +79,9 @@ class TeacherWorker:
             projector.weight.data.copy_(w)
         if self._sampler is None:
             self._sampler = TrainSampler(self.data.train_csr)
-        info = prompt_round(self.teacher, self.graph, torch.as_tensor(np.asarray(user)),
-                            torch.as_tensor(np.asarray(item)), projector, self._sampler, self.cfg, seed,
+        # copies: the embeddings arrive read-only from the object store (torch warns on those)
+        info = prompt_round(self.teacher, self.graph, torch.tensor(np.asarray(user)),
+                            torch.tensor(np.asarray(item)), projector, self._sampler, self.cfg, seed,
                             optimizer=self._prompt_opt)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1

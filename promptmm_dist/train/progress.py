@@ -24,3 +24,10 @@ def epoch_line(stage: str, row: dict) -> str:
     best = f" (best {row['best_epoch']})" if "best_epoch" in row else ""
     secs = row.get("epoch_s", row.get("train_s", 0.0))
     return f"{stage} epoch {row['epoch']:3d} | {losses} | {metrics}{best} | {secs:.1f}s"
+
+
+def worker_log(msg: str) -> None:
+    """A log line from a Ray Train worker loop. Written to stderr directly, not with print: Train V2
+    patches print in its workers to both log and echo the message, which showed every line twice."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()

@@ -14,6 +14,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import SampleBatch
 from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.run_io import save_checkpoint
+from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.teacher_loop import build_teacher, fit_teacher
 from promptmm_dist.train.world import World
 
@@ -60,7 +61,7 @@ def teacher_train_loop(config: dict) -> None:
     result = fit_teacher(data, cfg, teacher, graph,
                 lambda e: shard_epoch_samples(shards, mine, 1, cfg.seed, e),
                 config["total_pairs"], world=world, train_module=module,
-                report=report, log=lambda m: print(m, flush=True))
+                report=report, log=worker_log)
     # one last report carrying the selected (best validation) weights: Train keeps the latest
     # checkpoint, and in local mode `result.checkpoint` is the last report's
     report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, teacher)
