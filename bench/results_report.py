@@ -71,7 +71,7 @@ def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[st
 
     import yaml
 
-    stage = "teacher" if name == "teacher" else ("student" if ROWS[name][0] == "student" else ROWS[name][0])
+    stage = "teacher" if name == "teacher" else ROWS[name][0]  # the stage's folder: teacher, student, lightgcn, mf
     folder = Path(out) / f"{name}_seed{seed}" / stage
     if not (folder / "meta.json").exists() or not (folder / "config.yaml").exists():
         return None
@@ -80,13 +80,18 @@ def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[st
     if _relevant(name, saved) != _relevant(name, wanted):
         return None
     meta = json.loads((folder / "meta.json").read_text())
-    params = meta.get("teacher_params") if name == "teacher" else meta["student_total"]
-    inference = params if name == "teacher" else meta["student_inference"]
+    return {**row_result(name, seed, meta, meta["train_seconds"]), "reused": True}
+
+
+def row_result(name: str, seed: int, meta: dict, train_s: float) -> dict:
+    """A report row from a stage's meta.json (teacher or student/baseline)."""
     test, val = meta["test"], meta["val"]
+    params = meta["teacher_params"] if name == "teacher" else meta["student_total"]
+    inference = params if name == "teacher" else meta["student_inference"]
     return {"row": name, "seed": seed, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
             "precision@20": test["precision@20"], "legacy_ndcg@20": test["legacy_ndcg@20"],
             "val_recall@20": val["recall@20"], "best_epoch": meta["best_epoch"], "params": params,
-            "inference_params": inference, "train_s": meta["train_seconds"], "reused": True}
+            "inference_params": inference, "train_s": train_s}
 
 
 def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | None, threads: int,
@@ -103,21 +108,14 @@ def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | N
     data = load_dataset(data_path)
     t0 = time.perf_counter()
     folder = Path(out) / f"{name}_seed{seed}"
+    cfg = row_config(name, data_path, seed, extra)
     if name == "teacher":
-        cfg = _config(data_path, list(extra), seed)
         _, meta = teacher_stage(data, cfg, folder)
-        params, inference = meta["teacher_params"], meta["teacher_params"]
     else:
-        model, overrides = ROWS[name]
-        cfg = _config(data_path, [*extra, *overrides], seed)
+        model = ROWS[name][0]
         teacher = load_teacher(data, cfg, Path(teacher_dir)) if model == "student" else None
         _, meta = student_stage(data, cfg, folder, teacher, model="lightgcn" if model == "student" else model)
-        params, inference = meta["student_total"], meta["student_inference"]
-    test, val = meta["test"], meta["val"]
-    return {"row": name, "seed": seed, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
-            "precision@20": test["precision@20"], "legacy_ndcg@20": test["legacy_ndcg@20"],
-            "val_recall@20": val["recall@20"], "best_epoch": meta["best_epoch"], "params": params,
-            "inference_params": inference, "train_s": time.perf_counter() - t0}
+    return row_result(name, seed, meta, time.perf_counter() - t0)
 
 
 def teacher_row(folder: Path) -> dict:
@@ -125,12 +123,7 @@ def teacher_row(folder: Path) -> dict:
     import json
 
     meta = json.loads((folder / "teacher" / "meta.json").read_text())
-    test, val = meta["test"], meta["val"]
-    return {"row": "teacher", "seed": -1, "recall@20": test["recall@20"], "ndcg@20": test["ndcg@20"],
-            "precision@20": test["precision@20"], "legacy_ndcg@20": test["legacy_ndcg@20"],
-            "val_recall@20": val["recall@20"], "best_epoch": meta["best_epoch"],
-            "params": meta["teacher_params"], "inference_params": meta["teacher_params"],
-            "train_s": meta["train_seconds"]}
+    return row_result("teacher", -1, meta, meta["train_seconds"])
 
 
 def summarise(results: list[dict]) -> list[dict]:

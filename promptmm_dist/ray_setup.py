@@ -16,11 +16,11 @@ from promptmm_dist.run_io import write_history, write_json
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
 TEACHER_WORKER_CPUS = 0.25
 STAGING_PREFIX = "promptmm-ckpt-"  # make_reporter's per-report checkpoint folders (system temp dir)
-# Faster small fits (~20 s -> ~9 s of overhead here); users can override either variable.
 # Ray starts its workers at nice 15: beside any other busy process on the machine the Train workers
 # and teacher actors then get a few percent of a core (a 0.1 s actor call took 290 s here). The
 # local Ray we start runs the job itself, so its workers keep the driver's priority.
 LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+# Faster small fits (~20 s -> ~9 s of overhead here); users can override either variable.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 

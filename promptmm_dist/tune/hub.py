@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from promptmm_dist.config import config_from_dict
 from promptmm_dist.distill.cache import SoftRankingCache
 from promptmm_dist.distill.local_kd import epoch_seed
