@@ -14,6 +14,11 @@ paths that the node running the job can reach (absolute paths on a shared filesy
 All arguments are those of `promptmm run` (`promptmm run --help`). Under the job supervisor RAY_ADDRESS
 names the cluster's GCS; it is passed on as --address (unless given) so the run joins this cluster instead
 of starting a local Ray. Run directly (`python jobs/pipeline.py ...`) without RAY_ADDRESS it runs locally.
+
+Tracking: `--mlflow URI` logs the run to MLflow (needs the `mlflow` extra on the cluster's image); a job
+whose environment sets MLFLOW_TRACKING_URI (e.g. `--runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI":
+"http://mlflow:5000"}}'`) gets it as --mlflow unless one is given. A `file:` store must be on a path the
+job's node can write (a shared filesystem for a multi-host cluster).
 """
 
 from __future__ import annotations
@@ -22,12 +27,18 @@ import os
 import sys
 from pathlib import Path
 
+MLFLOW_COMMANDS = ("run", "tune", "train-teacher", "distill", "baseline")  # those that take --mlflow
+
 
 def _argv(command: str, args: list[str]) -> list[str]:
     address = os.environ.get("RAY_ADDRESS")
     has_address = any(a == "--address" or a.startswith("--address=") for a in args)
     if address and not has_address and not address.startswith(("http://", "https://")):
         args = [*args, "--address", address]
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    has_mlflow = any(a == "--mlflow" or a.startswith("--mlflow=") for a in args)
+    if tracking and not has_mlflow and command in MLFLOW_COMMANDS:
+        args = [*args, "--mlflow", tracking]
     return [command, *args]
 
 

@@ -6,7 +6,8 @@
            --num-samples 8 --scheduler asha --num-workers 1 --json
 
 All arguments are those of `promptmm tune` (`promptmm tune --help`); --address defaults to the job's
-RAY_ADDRESS exactly as in jobs/pipeline.py. Tune's trial folders and results go under --out, which must be
+RAY_ADDRESS and --mlflow to its MLFLOW_TRACKING_URI (one MLflow run per trial) exactly as in
+jobs/pipeline.py. Tune's trial folders and results go under --out, which must be
 on storage the job's node can write (a shared filesystem for a multi-host cluster).
 """
 

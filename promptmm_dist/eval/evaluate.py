@@ -305,6 +305,24 @@ def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int] =
     return "\n".join(lines)
 
 
+def data_source(model: str, args: argparse.Namespace) -> tuple[str, str]:
+    """(path, format) to evaluate on: `--data` when given; else, for a run folder or export, the
+    dataset its run was trained on (its config.yaml); else the synthetic dataset."""
+    fmt = getattr(args, "format", "auto") or "auto"
+    if getattr(args, "data", None):
+        return str(args.data), fmt
+    if model in SCORERS:
+        return "synthetic", fmt
+    from promptmm_dist.data.formats import is_synthetic
+    from promptmm_dist.serve_export import load_export, run_data_source
+
+    path, run_format, cfg_file = run_data_source(load_export(model))
+    if not is_synthetic(path) and not Path(path).exists():
+        raise DataError(cfg_file, "data.path", f"the run's dataset {path} is not found here; pass --data")
+    print(f"evaluate: data {path} (from {cfg_file}; --data overrides)", file=sys.stderr)
+    return path, run_format if fmt == "auto" else fmt
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     """`promptmm evaluate`: full-ranking metrics of a baseline on val and/or test."""
     from promptmm_dist.data.formats import load_dataset  # deferred: keeps `--help` import-light
@@ -313,7 +331,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if model not in SCORERS and not Path(model).exists():  # fail before the (possibly slow) data load
         raise DataError(model, None, f"unknown model (expected one of: {', '.join(sorted(SCORERS))}, "
                                      "or a run folder / student export)")
-    data = load_dataset(args.data, getattr(args, "format", "auto"))
+    data_path, data_format = data_source(model, args)
+    data = load_dataset(data_path, data_format)
     splits = list(EVAL_SPLITS) if args.split == "both" else [args.split]
     score_fn = resolve_scorer(model, data, args)
     t0 = time.perf_counter()

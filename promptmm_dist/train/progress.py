@@ -16,14 +16,20 @@ def progress(items: Iterable[T], desc: str, world=None, **kw) -> Iterable[T]:
     return tqdm(items, desc=desc, leave=False, disable=not show, **kw)
 
 
-def epoch_line(stage: str, row: dict) -> str:
-    """`teacher epoch 3 | bpr 0.4123 ... | val recall@20 0.0712 ndcg@20 0.0301 | 1.9s`."""
+def epoch_line(stage: str, row: dict, total: int | None = None) -> str:
+    """`teacher epoch  3/60 | bpr 0.4123 ... | val recall@20 0.0712 ndcg@20 0.0301 (best 2) | 1.9s`.
+
+    Epochs count from 0 as in history.jsonl and metrics.json (`best_epoch`), so the last of 60 is 59/60;
+    `total` (the configured epochs) may also come in the row as `epochs`."""
     losses = " ".join(f"{k[5:]} {v:.4f}" for k, v in row.items() if k.startswith("loss_"))
     val = row.get("val") or {}
     metrics = f"val recall@20 {val.get('recall@20', float('nan')):.4f} ndcg@20 {val.get('ndcg@20', float('nan')):.4f}"
     best = f" (best {row['best_epoch']})" if "best_epoch" in row else ""
     secs = row.get("epoch_s", row.get("train_s", 0.0))
-    return f"{stage} epoch {row['epoch']:3d} | {losses} | {metrics}{best} | {secs:.1f}s"
+    total = total if total is not None else row.get("epochs")
+    of = f"/{total}" if total is not None else ""
+    width = len(str(total)) if total is not None else 3
+    return f"{stage} epoch {row['epoch']:{width}d}{of} | {losses} | {metrics}{best} | {secs:.1f}s"
 
 
 def worker_log(msg: str) -> None:

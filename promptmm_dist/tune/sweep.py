@@ -218,8 +218,18 @@ def _run_tuner(args, trainable, space: S.SearchSpace, pool, base: Config, point,
                                     num_samples=num_samples,
                                     max_concurrent_trials=plan["max_concurrent"] if kind_is_searcher else None),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=verbose,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=_tracking_callbacks(args, out)))
     return tuner.fit()
+
+
+def _tracking_callbacks(args, out: Path) -> list:
+    """`--mlflow URI`: Ray's MLflowLoggerCallback, one MLflow run per trial (promptmm_dist.tracking)."""
+    if not getattr(args, "mlflow", None):
+        return []
+    from promptmm_dist.tracking import tune_callbacks
+
+    return tune_callbacks(args.mlflow, out)
 
 
 def _searcher(kind: str, point: dict | None, seed: int, max_concurrent: int):
