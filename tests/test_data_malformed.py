@@ -42,6 +42,13 @@ def _feature_row(root: Path, name: str, row: int, value: float) -> None:
     np.save(root / name, arr)
 
 
+def _corrupt_npy_header(path: Path, major: int) -> None:
+    """A .npy file whose magic is valid but whose header dict is garbage (format `major`.0)."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (8, 4), " + b"\x00garbage" + b"\n"
+    size = len(header).to_bytes(2 if major == 1 else 4, "little")
+    path.write_bytes(b"\x93NUMPY" + bytes([major, 0]) + size + header + b"\x00" * 128)
+
+
 # case id -> (builder(src), [substrings the error line must contain])
 CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "truncated_json": (lambda r: (make_promptmm(r), write_json(r, "train.json", json.dumps(TRAIN)[:-7])),
@@ -95,6 +102,10 @@ CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
                             ["image_feat.npy", "pickle"]),
     "not_an_npy_file": (lambda r: (make_promptmm(r), (r / "image_feat.npy").write_bytes(b"PK\x03\x04junk")),
                         ["image_feat.npy", "not a valid .npy"]),
+    "corrupt_npy_header": (lambda r: (make_promptmm(r), _corrupt_npy_header(r / "image_feat.npy", 1)),
+                           ["image_feat.npy", "not a valid .npy"]),
+    "corrupt_npy_header_v3": (lambda r: (make_promptmm(r), _corrupt_npy_header(r / "image_feat.npy", 3)),
+                              ["image_feat.npy", "not a valid .npy"]),
     "inter_wrong_header": (lambda r: _set_line(r, 1, "user_id\titem_id\trating\tlabel"),
                            ["toy.inter", "line 1", "missing column(s) userID, itemID, x_label"]),
     "inter_bad_x_label": (lambda r: _set_line(r, 4, "1\t2\t1\t3"), ["toy.inter", "line 4", "x_label"]),
@@ -190,3 +201,16 @@ def test_tampered_prepared_dataset(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("data", "info", str(out)), ["features/image.npy", "sha256"])
     (out / "features" / "audio.npy").unlink()
     assert_one_line_error(run_cli("data", "info", str(out)), ["features/audio.npy", "missing"])
+
+
+def test_npy_header_format_3_reads_with_public_api(tmp_path: Path) -> None:
+    """Format 3.0 (utf-8 header) is parsed without numpy's private helpers."""
+    from promptmm_dist.data.validate import read_npy_header
+
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with open(tmp_path / "v3.npy", "wb") as fh:
+        np.lib.format.write_array(fh, arr, version=(3, 0))
+    assert read_npy_header(tmp_path / "v3.npy") == ((3, 4), np.dtype(np.float32))
+    _corrupt_npy_header(tmp_path / "bad.npy", 3)
+    with pytest.raises(DataError, match="bad.npy.*not a valid .npy"):
+        read_npy_header(tmp_path / "bad.npy")

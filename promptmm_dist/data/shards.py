@@ -3,11 +3,15 @@ canonical Parquet, serving per-epoch samples (BPR triples + KD lists) and evalua
 
 The shard is the unit the teacher cache and the student ranks are keyed by: rank r of the student
 trains on the shards assigned to it, so every user's samples live in exactly one place.
+
+A shard is rebuilt from the Parquet by its constructor and every method is a pure function of its
+arguments, so Ray may restart a lost shard actor and retry its calls (`ray_setup.actor_options`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,6 +19,9 @@ import scipy.sparse as sp
 
 from promptmm_dist.data.dataset import TEST, TRAIN, VAL, InteractionData
 from promptmm_dist.data.sampling import SampleBatch, TrainSampler
+
+if TYPE_CHECKING:
+    from promptmm_dist.config import DistConfig
 
 
 def read_shard(parquet: Path, shard: int, num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,6 +60,12 @@ class ShardState:
                 "val_users": int(len(np.unique(self.eval_pairs["val"][0]))),
                 "test_users": int(len(np.unique(self.eval_pairs["test"][0])))}
 
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests and benchmarks)."""
+        import os
+
+        return os.getpid()
+
     def users(self) -> np.ndarray:
         return self.all_users
 
@@ -77,10 +90,15 @@ class ShardState:
         return full_ranking_sums(scorer, self._eval, split)
 
 
-def make_shard_actors(parquet: Path, num_shards: int, n_users: int, n_items: int, cpus: float = 0.1):
-    """One InteractionShard actor per shard (lightweight: a fraction of a CPU each)."""
+def make_shard_actors(parquet: Path, num_shards: int, n_users: int, n_items: int, cpus: float = 0.1,
+                      dist: DistConfig | None = None):
+    """One InteractionShard actor per shard (lightweight: a fraction of a CPU each), restarted from
+    the Parquet when lost (`dist.max_failures` times; the default config's when not given)."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=cpus)(ShardState)
+    from promptmm_dist.config import DistConfig
+    from promptmm_dist.ray_setup import actor_options
+
+    actor_cls = ray.remote(num_cpus=cpus, **actor_options(dist or DistConfig()))(ShardState)
     return [actor_cls.options(name=None).remote(str(parquet), k, num_shards, n_users, n_items)
             for k in range(num_shards)]

@@ -11,6 +11,7 @@ error path walks Python objects to find the exact record to report.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import warnings
@@ -258,6 +259,28 @@ def _ids(ids: np.ndarray, k: int = 5) -> str:
 # features
 # ----------------------------------------------------------------------------------------------
 
+def _read_header_3_0(fh, version: tuple[int, int]) -> tuple[tuple[int, ...], np.dtype]:
+    """Format 3.0 (utf-8 header, else laid out as 2.0): numpy has no public reader for it, so parse the
+    header dict as a Python literal (never evaluated as code) and build the dtype with the public
+    `descr_to_dtype`."""
+    if version != (3, 0):
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    raw = fh.read(4)
+    if len(raw) != 4:
+        raise EOFError("header length is truncated")
+    size = int.from_bytes(raw, "little")
+    text = fh.read(size)
+    if len(text) != size:
+        raise EOFError("header is truncated")
+    header = ast.literal_eval(text.decode("utf-8"))
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f"header is not a dict with keys descr, fortran_order, shape: {_short(header)}")
+    shape = header["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and x >= 0 for x in shape):
+        raise ValueError(f"shape is not a tuple of non-negative ints: {shape!r}")
+    return shape, np.lib.format.descr_to_dtype(header["descr"])
+
+
 def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from the .npy header, without loading (and never unpickling) the array."""
     try:
@@ -268,8 +291,8 @@ def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             elif version == (2, 0):
                 shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
             else:
-                shape, _, dtype = np.lib.format._read_array_header(fh, version)  # type: ignore[attr-defined]
-    except (ValueError, OSError, SyntaxError, EOFError) as err:
+                shape, dtype = _read_header_3_0(fh, version)
+    except Exception as err:  # any failure to parse an untrusted header (numpy raises several kinds)
         raise DataError(path, None, f"not a valid .npy file ({_one_line(err)})") from None
     if dtype.hasobject:
         raise DataError(path, None, "contains Python objects (pickle); refusing to unpickle a feature file")

@@ -5,6 +5,17 @@ samples and a TeacherWorker for their soft ranking. The driver *owns* those refs
 publishes them in a small `CacheDirectory` actor that student ranks query, stays at most one epoch
 ahead of the students (two epochs held), frees an epoch once every rank consumed it, and runs a
 prompt round (new cache version) when the students hand in their embeddings at a refresh epoch.
+
+Recovery: an epoch is a pure function of (seed, epoch, shard, cache version, teacher checkpoint),
+so nothing is lost for good when something dies. The producer keeps every version's prompt
+(`PromptState`, small) and passes it with each call, so a TeacherWorker or shard actor that Ray
+restarts (rebuilt from its files) and a call Ray retries on it give the same result; a rank that
+asks for an epoch already freed (it restarted from a checkpoint) or whose refs were lost gets it
+recomputed. What cannot recover (an actor's restarts used up, the producer thread failing, a wait
+over `dist.actor_timeout_s`) ends the run within seconds with one line naming it: the directory
+records the failure, every rank's next fetch raises `CacheFailed` (an error, not a clean end: Ray
+Train then tears the whole worker group down, so no rank is left waiting in a collective; its
+restarts fail again at their first fetch) and the driver raises the recorded line.
 """
 
 from __future__ import annotations
@@ -16,18 +27,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from promptmm_dist.actor_calls import (DEFAULT_TIMEOUT_S, ActorLost, ActorTimeout, bounded_get, bounded_wait,
+                                       one_line)
 from promptmm_dist.distill.local_kd import epoch_seed
+from promptmm_dist.distill.teacher_workers import PromptState
+from promptmm_dist.errors import RunFailed
 from promptmm_dist.train.steps import SoftRanking
+
+POLL_S = 1.0  # the producer's directory polls (it also serves recompute requests between them)
+MAX_ASKS = 4  # a rank re-asks for an epoch whose refs were lost at most this often
 
 
 class TrainingEnded(Exception):
     """Raised on every rank at the same epoch when the directory was asked to end training early."""
 
 
+class CacheFailed(RunFailed):
+    """The cache cannot serve the run any more (recorded in the directory, whose line the driver
+    raises). Raised, not returned: one rank returning while another trains would leave that one
+    blocked in a DDP collective."""
+
+
 class CacheDirectory:
     """Where published epochs are looked up (refs wrapped in lists so Ray passes them as refs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
         self._cond = threading.Condition()
         self._epochs: dict[int, dict] = {}
         self._consumed: dict[int, dict[int, int]] = {}
@@ -36,27 +61,60 @@ class CacheDirectory:
         self._end_requested = False  # tune: the scheduler stopped this trial early
         self._fetched: set[int] = set()
         self._ended: set[int] = set()
+        self._published: set[int] = set()
+        self._wanted: set[int] = set()  # freed or lost epochs a rank asked for again
+        self._gen = 0
+        self._failure: str | None = None
 
-    def publish(self, epoch: int, version: int, shard_refs: dict[int, list], items_ref: list) -> None:
+    def settings(self) -> dict:
+        return {"timeout_s": self.timeout_s}
+
+    def publish(self, epoch: int, version: int, shard_refs: dict[int, list], items_ref: list,
+                prompt_ref: list | None = None) -> None:
         with self._cond:
-            self._epochs[epoch] = {"version": version, "shards": shard_refs, "items": items_ref}
+            self._gen += 1
+            self._epochs[epoch] = {"version": version, "shards": shard_refs, "items": items_ref,
+                                   "prompt": prompt_ref or [None], "gen": self._gen}
+            self._published.add(epoch)
+            self._wanted.discard(epoch)
             self._cond.notify_all()
 
-    def fetch(self, epoch: int, shards: list[int], timeout: float = 3600.0):
-        """Block until `epoch` is published; (version, [[ref] per shard], [items ref]), or None when
-        training must end before `epoch` (see `request_end`)."""
+    def fetch(self, epoch: int, shards: list[int], timeout: float | None = None):
+        """Block until `epoch` is published. Returns {"version", "shards": [[ref] per shard], "items":
+        [ref], "prompt": [ref], "gen"}; None when training must end before `epoch` (see
+        `request_end`); a one-line message when the cache failed or the wait timed out. An epoch
+        published before but freed since is asked for again (the producer recomputes it)."""
+        timeout = self.timeout_s if timeout is None else timeout
         with self._cond:
-            ok = self._cond.wait_for(lambda: epoch in self._epochs or self._stopped or epoch in self._ended
+            if epoch in self._published and epoch not in self._epochs:
+                self._wanted.add(epoch)
+                self._cond.notify_all()
+            ok = self._cond.wait_for(lambda: epoch in self._epochs or self._stopped or self._failure is not None
+                                     or epoch in self._ended
                                      or (self._end_requested and epoch not in self._fetched), timeout)
             if self._end_requested and epoch not in self._fetched:
                 self._ended.add(epoch)  # decided once per epoch, so every rank sees the same answer
             if epoch in self._ended:
                 return None
+            if self._failure is not None:
+                return self._failure
             if not ok or epoch not in self._epochs:
-                raise TimeoutError(f"soft-ranking cache: epoch {epoch} was never published")
+                what = "stopped" if self._stopped else f"timed out after {timeout:g}s (dist.actor_timeout_s)"
+                self._failure = f"soft-ranking cache: epoch {epoch} was never published ({what})"
+                self._cond.notify_all()
+                return self._failure
             self._fetched.add(epoch)
             e = self._epochs[epoch]
-            return e["version"], [e["shards"][k] for k in shards], e["items"]
+            return {"version": e["version"], "shards": [e["shards"][k] for k in shards], "items": e["items"],
+                    "prompt": e["prompt"], "gen": e["gen"]}
+
+    def invalidate(self, epoch: int, gen: int) -> None:
+        """A rank could not read `epoch`'s refs (their owner or objects were lost): recompute it."""
+        with self._cond:
+            if epoch in self._epochs and self._epochs[epoch]["gen"] == gen:
+                del self._epochs[epoch]
+                self._wanted.add(epoch)
+                self._cond.notify_all()
 
     def request_end(self) -> None:
         """End training cleanly before the next epoch no rank has fetched yet (a Tune scheduler
@@ -70,11 +128,17 @@ class CacheDirectory:
             self._consumed.setdefault(epoch, {})[rank] = nbytes
             self._cond.notify_all()
 
-    def wait_consumed(self, epoch: int, n_ranks: int, timeout: float) -> dict[int, int] | None:
+    def _news(self) -> bool:
+        return bool(self._wanted) or self._stopped or self._failure is not None
+
+    def wait_consumed(self, epoch: int, n_ranks: int, timeout: float) -> dict:
+        """Wait up to `timeout` for every rank to fetch `epoch`, waking early for recompute requests
+        or a failure: {"consumed": {rank: bytes} or None, "wanted": [...], "failure": str or None}."""
         with self._cond:
-            self._cond.wait_for(lambda: len(self._consumed.get(epoch, {})) >= n_ranks or self._stopped, timeout)
+            self._cond.wait_for(lambda: len(self._consumed.get(epoch, {})) >= n_ranks or self._news(), timeout)
             got = self._consumed.get(epoch, {})
-            return dict(got) if len(got) >= n_ranks else None
+            return {"consumed": dict(got) if len(got) >= n_ranks else None, "wanted": sorted(self._wanted),
+                    "failure": self._failure}
 
     def drop(self, epoch: int) -> None:
         with self._cond:
@@ -85,10 +149,23 @@ class CacheDirectory:
             self._students[epoch] = wrapped_ref
             self._cond.notify_all()
 
-    def wait_student(self, epoch: int, timeout: float) -> list | None:
+    def wait_student(self, epoch: int, timeout: float) -> dict:
+        """Like `wait_consumed`, for rank 0's embeddings at a refresh epoch: {"student": [ref] or None, ...}."""
         with self._cond:
-            self._cond.wait_for(lambda: epoch in self._students or self._stopped, timeout)
-            return self._students.pop(epoch, None)
+            self._cond.wait_for(lambda: epoch in self._students or self._news(), timeout)
+            return {"student": self._students.pop(epoch, None), "wanted": sorted(self._wanted),
+                    "failure": self._failure}
+
+    def fail(self, message: str) -> None:
+        """Record the first failure; every waiting and later fetch returns it."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = message
+            self._cond.notify_all()
+
+    def failure(self) -> str | None:
+        with self._cond:
+            return self._failure
 
     def stop(self) -> None:
         with self._cond:
@@ -108,21 +185,35 @@ class CacheStats:
     bytes_per_epoch: list[int] = field(default_factory=list)
     max_epochs_held: int = 0
     rounds: list[dict] = field(default_factory=list)
+    recomputed: int = 0  # epochs produced again on a rank's request (freed or lost)
 
 
 class SoftRankingCache:
-    """Driver-side producer of cache epochs (runs in a background thread while `fit()` blocks)."""
+    """Driver-side producer of cache epochs (runs in a background thread while `fit()` blocks).
+
+    `first_epoch`/`prompt`: a resumed run starts producing at `first_epoch` with the prompt state of
+    its cache version (recorded in the student checkpoint; None = the teacher checkpoint's, version 0).
+    `on_round(PromptState)`: called with each new version's prompt (e.g. to save it beside the run).
+    """
 
     def __init__(self, shards: list, teacher_workers: list, directory, n_ranks: int, epochs: int,
-                 seed: int, n_neg: int, refresh_epochs: int, log=print) -> None:
+                 seed: int, n_neg: int, refresh_epochs: int, log=print, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 first_epoch: int = 0, prompt: PromptState | None = None, on_round=None) -> None:
         self.shards, self.workers, self.directory = shards, teacher_workers, directory
         self.n_ranks, self.epochs, self.seed, self.n_neg = n_ranks, epochs, seed, n_neg
         self.refresh = refresh_epochs
         self.log = log
-        self.version = 0
+        self.timeout_s = timeout_s
+        self.first_epoch = first_epoch
+        self.on_round = on_round
+        start = prompt or PromptState(0, None)
+        self.version = start.version
+        self.prompts: dict[int, PromptState] = {start.version: start}  # every version's prompt (small)
+        self._prompt_refs: dict[int, object] = {}
+        self.epoch_version: dict[int, int] = {}
         self.refs: dict[int, list] = {}  # epoch -> the driver-owned refs of that epoch
         self.items_refs: dict[int, object] = {}
-        self.stats = CacheStats()
+        self.stats = CacheStats(versions=self.version + 1)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soft-ranking-cache", daemon=True)
@@ -132,116 +223,247 @@ class SoftRankingCache:
         return self
 
     def stop(self) -> None:
-        import ray
-
+        """Stop producing; a failure recorded by a rank (or a lost directory) becomes `self.error`."""
         self._stop.set()
-        ray.get(self.directory.stop.remote())
-        self._thread.join(timeout=60)
+        try:
+            failure = self._call(self.directory.failure.remote(), "the cache directory")
+            self._call(self.directory.stop.remote(), "the cache directory")
+        except (ActorLost, ActorTimeout) as err:
+            failure = str(err)
+        self._thread.join(timeout=self.timeout_s)
+        if self.error is None and failure:
+            self.error = ActorLost(failure)
         self.refs.clear()
         self.items_refs.clear()
 
-    def _items_ref(self):
-        if self.version not in self.items_refs:
-            self.items_refs = {self.version: self.workers[0].item_modal_embeddings.remote(self.version)}
-        return self.items_refs[self.version]
+    # ------------------------------------------------------------------------------ helpers
+    def _call(self, refs, what: str):
+        return bounded_get(refs, what, self.timeout_s)
 
-    def _publish(self, epoch: int) -> None:
+    def _prompt_ref(self, version: int):
+        """One object-store copy of a version's prompt, passed with every call of that version."""
         import ray
 
+        if version not in self.prompts:
+            raise ActorLost(f"soft-ranking cache: cache version {version} was never produced by this run")
+        if version not in self._prompt_refs:
+            self._prompt_refs[version] = ray.put(self.prompts[version])
+        return self._prompt_refs[version]
+
+    def _items_ref(self, version: int | None = None):
+        v = self.version if version is None else version
+        if v not in self.items_refs:
+            self.items_refs[v] = self.workers[0].item_modal_embeddings.remote(v, self._prompt_ref(v))
+            for old in [x for x in sorted(self.items_refs) if x != v][:-1]:
+                del self.items_refs[old]  # keep this version's and the newest other
+        return self.items_refs[v]
+
+    def _version_for(self, epoch: int) -> int:
+        """The cache version epoch `epoch` is produced with (rounds after every `refresh` epochs)."""
+        if epoch in self.epoch_version:
+            return self.epoch_version[epoch]
+        return epoch // self.refresh if self.refresh > 0 else 0
+
+    def _culprit(self, samples: list, refs: list, epoch: int) -> str:
+        """Name what broke an epoch: the shard actor (its samples failed) or the TeacherWorker."""
+        import ray
+
+        for k, r in enumerate(refs):
+            try:
+                ray.get(r, timeout=self.timeout_s)
+            except Exception as err:  # noqa: BLE001 - reported as one line
+                try:
+                    ray.get(samples[k], timeout=self.timeout_s)
+                except Exception as inner:  # noqa: BLE001
+                    return f"epoch {epoch}: shard actor {k} failed ({one_line(inner)})"
+                return (f"epoch {epoch}: TeacherWorker {k % len(self.workers)} failed on shard {k} "
+                        f"({one_line(err)})")
+        return f"epoch {epoch}: failed"
+
+    def _publish(self, epoch: int, version: int | None = None) -> None:
+        v = self.version if version is None else version
         t0 = time.perf_counter()
+        prompt = self._prompt_ref(v)
         samples = [s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch, k)) for k, s in enumerate(self.shards)]
-        refs = [self.workers[k % len(self.workers)].soft_ranking.remote(self.version, samples[k])
+        refs = [self.workers[k % len(self.workers)].soft_ranking.remote(v, samples[k], prompt)
                 for k in range(len(self.shards))]
         self.refs[epoch] = refs
-        ray.get(self.directory.publish.remote(epoch, self.version, {k: [r] for k, r in enumerate(refs)},
-                                              [self._items_ref()]))
-        ray.wait(refs, num_returns=len(refs))
+        self.epoch_version[epoch] = v
+        self._call(self.directory.publish.remote(epoch, v, {k: [r] for k, r in enumerate(refs)},
+                                                 [self._items_ref(v)], [prompt]), "the cache directory")
+        bounded_wait(refs, f"the soft rankings of epoch {epoch} (TeacherWorker and shard actors)", self.timeout_s)
+        try:
+            self._call(refs, f"the soft rankings of epoch {epoch}")
+        except Exception:  # noqa: BLE001 - a value holds an error: say which actor
+            raise ActorLost(self._culprit(samples, refs, epoch)) from None
         self.stats.produce_s += time.perf_counter() - t0
         self.stats.epochs_published += 1
         self.stats.max_epochs_held = max(self.stats.max_epochs_held, len(self.refs))
 
-    def _wait_started(self, epoch: int) -> bool:
-        """Block until every rank has fetched `epoch` (so all are done with the epoch before it)."""
-        import ray
+    def _news(self, got: dict, current: int) -> None:
+        """Act on a directory poll: a recorded failure ends the producer; freed or lost epochs that a
+        rank asked for again are recomputed (same seed, same cache version: the same rankings)."""
+        if got.get("failure"):
+            raise ActorLost(got["failure"])
+        for e in got.get("wanted", []):
+            for old in [x for x in self.refs if x < e and x < current - 1]:
+                self._drop(old)  # recomputed epochs behind the one asked for are done with
+            v = self._version_for(e)
+            self._publish(e, v)
+            self.stats.recomputed += 1
+            self.log(f"soft-ranking cache: recomputed epoch {e} (cache version {v}) for a rank that asked again")
 
+    def _wait_started(self, epoch: int) -> bool:
+        """Block until every rank has fetched `epoch` (so all are done with the epoch before it).
+        Not bounded by a timeout: what is waited for is training itself, and when Ray Train gives
+        up, `fit()` returns and the driver stops this thread; each directory call is bounded."""
         while not self._stop.is_set():
-            got = ray.get(self.directory.wait_consumed.remote(epoch, self.n_ranks, 1.0))
-            if got is not None:
-                self.stats.bytes_per_epoch.append(int(sum(got.values())))
+            got = self._call(self.directory.wait_consumed.remote(epoch, self.n_ranks, POLL_S), "the cache directory")
+            self._news(got, epoch)
+            if got["consumed"] is not None:
+                self.stats.bytes_per_epoch.append(int(sum(got["consumed"].values())))
                 return True
         return False
 
     def _drop(self, epoch: int) -> None:
         """Free a finished epoch: the directory forgets it and the driver drops its refs."""
-        import ray
-
         if epoch in self.refs:
-            ray.get(self.directory.drop.remote(epoch))
+            self._call(self.directory.drop.remote(epoch), "the cache directory")
             del self.refs[epoch]
 
     def _prompt_round(self, epoch: int) -> bool:
-        import ray
+        from ray.exceptions import ObjectLostError
 
-        wrapped = None
-        while wrapped is None and not self._stop.is_set():
-            wrapped = ray.get(self.directory.wait_student.remote(epoch, 1.0))
-        if wrapped is None:
-            return False
-        res = ray.get(self.workers[0].prompt_round.remote(wrapped[0], epoch_seed(self.seed + 1, epoch)))
-        ray.get([w.load_prompt.remote(res["state"], res["version"]) for w in self.workers[1:]])
-        self.version = res["version"]
-        self.stats.versions = self.version + 1
-        summary = {"epoch": epoch, "cache_version": self.version, "round_loss": res["round_loss"],
-                   "round_s": res["round_s"]}
-        self.stats.rounds.append(summary)
-        self.log(f"prompt round after epoch {epoch}: loss {res['round_loss']:.4f}, "
-                 f"new cache version {self.version} ({res['round_s']:.1f}s)")
-        return True
+        while not self._stop.is_set():
+            got = self._call(self.directory.wait_student.remote(epoch, POLL_S), "the cache directory")
+            self._news(got, epoch)
+            if got["student"] is None:
+                continue
+            try:
+                res = self._call(self.workers[0].prompt_round.remote(
+                    got["student"][0], epoch_seed(self.seed + 1, epoch), self._prompt_ref(self.version)),
+                    f"the prompt round after epoch {epoch} (TeacherWorker 0)")
+            except ObjectLostError:  # rank 0 (its owner) died after handing them in: it will again
+                self.log(f"soft-ranking cache: student embeddings of epoch {epoch} were lost; waiting for them again")
+                continue
+            new = PromptState(res["version"], res["state"], res.get("optimizer"))
+            self.prompts[new.version] = new
+            if self.on_round is not None:
+                self.on_round(new)
+            self.version = new.version
+            self.stats.versions = self.version + 1
+            summary = {"epoch": epoch, "cache_version": self.version, "round_loss": res["round_loss"],
+                       "round_s": res["round_s"]}
+            self.stats.rounds.append(summary)
+            self.log(f"prompt round after epoch {epoch}: loss {res['round_loss']:.4f}, "
+                     f"new cache version {self.version} ({res['round_s']:.1f}s)")
+            return True
+        return False
 
     def _run(self) -> None:
+        import ray
+
         try:
-            for epoch in range(self.epochs):
+            for epoch in range(self.first_epoch, self.epochs):
                 if self._stop.is_set():
                     return
                 # students are on epoch-1 once they all fetched it: epoch-2 is finished, so at most
                 # two epochs (the one being trained and the one prefetched) are ever held
-                if epoch >= 1 and not self._wait_started(epoch - 1):
+                if epoch > self.first_epoch and not self._wait_started(epoch - 1):
                     return
-                self._drop(epoch - 2)
+                for old in [e for e in self.refs if e <= epoch - 2]:
+                    self._drop(old)
                 self._publish(epoch)
                 if self.refresh > 0 and (epoch + 1) % self.refresh == 0 and epoch + 1 < self.epochs:
                     # the next epoch must see the new prompt: it is produced after the round
                     if not self._prompt_round(epoch):
                         return
-        except BaseException as err:  # surfaced by the driver after fit()
-            self.error = err
-            self.log(f"soft-ranking cache producer failed: {err!r}")
+            while not self._stop.is_set():  # all produced: keep serving ranks that ask again
+                self._wait_started(self.epochs)
+        except BaseException as err:  # the directory tells every rank; the driver raises it after fit()
+            self.error = err if isinstance(err, (ActorLost, ActorTimeout)) else ActorLost(one_line(err))
+            line = str(self.error)
+            if not line.startswith("soft-ranking cache"):
+                line = f"soft-ranking cache producer failed: {line}"
+                self.error = type(self.error)(line)
+            self.log(line)
+            try:
+                ray.get(self.directory.fail.remote(line), timeout=min(self.timeout_s, 30))
+            except Exception:  # noqa: BLE001 - the directory is gone too: ranks see that themselves
+                pass
 
 
 class RayCacheKD:
     """Student-rank side of the cache: zero-copy reads of this rank's shards for each epoch."""
 
     def __init__(self, directory, rank: int, shards: list[int], refresh_epochs: int, seed: int,
-                 projector: torch.nn.Module | None = None) -> None:
+                 projector: torch.nn.Module | None = None, timeout_s: float | None = None) -> None:
         self.directory, self.rank, self.shards = directory, rank, shards
         self.refresh, self.seed, self.projector = refresh_epochs, seed, projector
+        self.timeout_s = timeout_s
         self.version = -1
         self._items: dict[str, torch.Tensor] | None = None
+        self._prompt: list = [None]
+
+    def _timeout(self) -> float:
+        if self.timeout_s is None:
+            self.timeout_s = float(self._get(self.directory.settings.remote(), "the cache directory",
+                                             DEFAULT_TIMEOUT_S)["timeout_s"])
+        return self.timeout_s
+
+    def _fail(self, message: str) -> CacheFailed:
+        """Record `message` for the driver and every rank; the error to raise here."""
+        try:
+            self.directory.fail.remote(message)
+        except Exception:  # noqa: BLE001 - the directory is gone: the message still ends this rank
+            pass
+        return CacheFailed(message)
+
+    def _get(self, refs, what: str, timeout: float):
+        try:
+            return bounded_get(refs, what, timeout)
+        except (ActorLost, ActorTimeout) as err:
+            raise self._fail(f"soft-ranking cache, rank {self.rank}: {err}") from None
 
     def epoch(self, epoch: int):
         import ray
+        from ray.exceptions import GetTimeoutError, ObjectLostError, RayError
 
-        got = ray.get(self.directory.fetch.remote(epoch, self.shards))
-        if got is None:
-            raise TrainingEnded(epoch)
-        version, shard_refs, items_ref = got
-        parts: list[SoftRanking] = ray.get([r[0] for r in shard_refs])
-        ranking = parts[0] if len(parts) == 1 else concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
-        if version != self.version or self._items is None:
-            self._items = {m: torch.from_numpy(np.array(h)) for m, h in ray.get(items_ref[0]).items()}
-            self.version = version
-        self.directory.consumed.remote(epoch, self.rank, sum(p.nbytes() for p in parts))
-        return ranking, self._items, True
+        timeout = self._timeout()
+        for _ in range(MAX_ASKS):
+            # the directory answers within `timeout` itself; the margin covers the call
+            got = self._get(self.directory.fetch.remote(epoch, self.shards, timeout), "the cache directory",
+                            timeout + 30)
+            if got is None:
+                raise TrainingEnded(epoch)
+            if isinstance(got, str):
+                raise CacheFailed(got)
+            try:
+                parts: list[SoftRanking] = ray.get([r[0] for r in got["shards"]], timeout=timeout)
+                if got["version"] != self.version or self._items is None:
+                    items = ray.get(got["items"][0], timeout=timeout)
+                    self._items = {m: torch.from_numpy(np.array(h)) for m, h in items.items()}
+                    self.version = got["version"]
+            except ObjectLostError:  # their owner died (a Tune shared cache) or they were lost: ask again
+                self._get(self.directory.invalidate.remote(epoch, got["gen"]), "the cache directory", timeout)
+                continue
+            except GetTimeoutError:
+                raise self._fail(f"soft-ranking cache, rank {self.rank}: timed out after {timeout:g}s waiting "
+                                 f"for the soft rankings of epoch {epoch} (dist.actor_timeout_s)") from None
+            except RayError as err:
+                raise self._fail(f"soft-ranking cache, rank {self.rank}: epoch {epoch}: {one_line(err)}") from None
+            self._prompt = got["prompt"]
+            ranking = parts[0] if len(parts) == 1 else concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
+            self.directory.consumed.remote(epoch, self.rank, sum(p.nbytes() for p in parts))
+            return ranking, self._items, True
+        raise self._fail(f"soft-ranking cache, rank {self.rank}: epoch {epoch} was lost {MAX_ASKS} times")
+
+    def prompt_state(self) -> PromptState | None:
+        """The prompt of the cache version this rank last read (for the student checkpoint: a resumed
+        run's producer starts from it). None before the first epoch."""
+        if self._prompt[0] is None:
+            return None
+        return self._get(self._prompt[0], "the prompt state", self._timeout())
 
     def after_epoch(self, epoch: int, user_emb: torch.Tensor, item_emb: torch.Tensor):
         import ray
@@ -253,7 +475,7 @@ class RayCacheKD:
             if isinstance(self.projector, torch.nn.Linear):
                 proj = {"weight": self.projector.weight.detach().numpy().copy()}
             ref = ray.put((user_emb.detach().numpy(), item_emb.detach().numpy(), proj))
-            ray.get(self.directory.put_student.remote(epoch, [ref]))
+            self._get(self.directory.put_student.remote(epoch, [ref]), "the cache directory", self._timeout())
         return {"requested": True}
 
 

@@ -73,6 +73,18 @@ class InProcessTeacherKD:
         self._out = None
         return {**info, "cache_version": self.version}
 
+    def state_dict(self) -> dict:
+        """What prompt rounds changed (prompt, its optimiser, cache version): saved with each epoch so
+        a resumed student sees the same teacher."""
+        return {"prompt": self.teacher.prompt.state_dict(), "prompt_opt": self._prompt_opt.state_dict(),
+                "cache_version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.prompt.load_state_dict(state["prompt"])
+        self._prompt_opt.load_state_dict(state["prompt_opt"])
+        self.version = int(state["cache_version"])
+        self._out = None
+
 
 class _OnlineRanking:
     """Samples whose teacher logits are computed when a mini-batch is sliced: one full teacher

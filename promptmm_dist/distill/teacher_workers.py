@@ -3,11 +3,17 @@ rankings (the cache entries) and run prompt rounds.
 
 Workers *return* their results; the driver that called them owns the object refs, so the cache
 lives as long as the driver keeps the refs and no longer.
+
+Every call is idempotent: it names the cache version it serves and carries that version's prompt
+(`PromptState`), so a worker restarted by Ray (`max_restarts`, rebuilt from the checkpoint file) and
+a call retried on it (`max_task_retries`) give exactly what the lost worker would have given.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +29,28 @@ from promptmm_dist.run_io import load_state
 from promptmm_dist.train.steps import SoftRanking, soft_ranking
 
 
+@dataclass
+class PromptState:
+    """The prompt of one cache version: parameters and the prompt optimiser's state (a round steps
+    the prompt with Adam, so the next round depends on its moments too)."""
+
+    version: int
+    state: dict | None  # None: the teacher checkpoint's prompt (version 0)
+    optimizer: dict | None = None
+
+
 class TeacherWorker:
     """One frozen teacher (eval mode) per worker; forward computed once per cache version."""
 
     def __init__(self, data: InteractionData, cfg_dict: dict, checkpoint: str, threads: int = 1) -> None:
         from promptmm_dist.train.teacher_loop import build_teacher
-        from promptmm_dist.pipeline import hard_token_cache
+        from promptmm_dist.paths import hard_token_dir
 
         torch.set_num_threads(max(1, threads))
         self.cfg: Config = config_from_dict(cfg_dict)
         self.data = data
         self.graph = GraphPropagator.from_train(data.train_csr, self.cfg.teacher.norm)
-        self.teacher: PromptMMTeacher = build_teacher(data, self.cfg, cache_folder=hard_token_cache(self.cfg))
+        self.teacher: PromptMMTeacher = build_teacher(data, self.cfg, cache_folder=hard_token_dir())
         self.teacher.load_state_dict(load_state(Path(checkpoint)))
         self.teacher.eval()
         for p in self.teacher.parameters():
@@ -43,6 +59,8 @@ class TeacherWorker:
         self._out: TeacherOutput | None = None
         self._sampler: TrainSampler | None = None
         self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
+        self._rounds_from = 0  # the version whose optimiser state `_prompt_opt` holds (-1: unknown)
+        self._initial = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
 
     def _output(self) -> TeacherOutput:
         if self._out is None:
@@ -51,16 +69,22 @@ class TeacherWorker:
                 self._out = self.teacher(self.graph)
         return self._out
 
-    def soft_ranking(self, version: int, samples: SampleBatch) -> SoftRanking:
-        """Teacher logits for a shard's epoch samples under cache `version`."""
+    def _serve(self, version: int, prompt: PromptState | None) -> None:
+        """Hold `version`'s prompt: adopt `prompt` when given and different; else insist on `version`."""
+        if prompt is not None and prompt.version != self.version:
+            self.load_prompt(prompt.state, prompt.version, prompt.optimizer)
         if version != self.version:
             raise RuntimeError(f"teacher worker holds prompt version {self.version}, asked for {version}")
+
+    def soft_ranking(self, version: int, samples: SampleBatch, prompt: PromptState | None = None) -> SoftRanking:
+        """Teacher logits for a shard's epoch samples under cache `version` (whose prompt `prompt` is,
+        for versions > 0: a restarted worker starts from the checkpoint's prompt, version 0)."""
+        self._serve(version, prompt)
         return soft_ranking(self._output(), np.asarray(samples.users), np.asarray(samples.items))
 
-    def item_modal_embeddings(self, version: int) -> dict[str, np.ndarray]:
+    def item_modal_embeddings(self, version: int, prompt: PromptState | None = None) -> dict[str, np.ndarray]:
         """Teacher item modality embeddings h^m_i (one shared object per version, for embedding KD)."""
-        if version != self.version:
-            raise RuntimeError(f"teacher worker holds prompt version {self.version}, asked for {version}")
+        self._serve(version, prompt)
         return {m: h.numpy().copy() for m, h in self._output().modal_item.items()}
 
     def final_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
@@ -68,11 +92,17 @@ class TeacherWorker:
         out = self._output()
         return out.user.numpy().copy(), out.item.numpy().copy()
 
-    def prompt_round(self, student: tuple[np.ndarray, np.ndarray, dict | None], seed: int) -> dict:
-        """Step the prompt against the current student; returns the new prompt state and a summary."""
+    def prompt_round(self, student: tuple[np.ndarray, np.ndarray, dict | None], seed: int,
+                     base: PromptState | None = None) -> dict:
+        """Step the prompt against the current student, starting from `base` (the current version's
+        prompt; None: what the worker holds); returns the new prompt state and a summary. A pure
+        function of (teacher checkpoint, base, student, seed): dropout draws from `seed` too."""
         t0 = time.perf_counter()
+        if base is not None and (base.version != self.version or self._rounds_from != base.version):
+            self.load_prompt(base.state, base.version, base.optimizer)
         user, item, projector_state = student
-        projector = None
+        # no projector state = the student's nn.Identity projector (d_S = d): embedding KD still applies
+        projector: torch.nn.Module = torch.nn.Identity()
         if projector_state:
             w = torch.as_tensor(np.asarray(projector_state["weight"]))
             projector = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -85,12 +115,27 @@ class TeacherWorker:
                             optimizer=self._prompt_opt)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1
+        self._rounds_from = self.version
         self._out = None
-        return {"state": state, "version": self.version, "round_s": time.perf_counter() - t0, **info}
+        return {"state": state, "version": self.version, "round_s": time.perf_counter() - t0,
+                "optimizer": copy.deepcopy(self._prompt_opt.state_dict()), **info}
 
-    def load_prompt(self, state: dict, version: int) -> int:
-        """Adopt the prompt another worker stepped (all workers serve the same cache version)."""
-        self.teacher.prompt.load_state_dict(state)
+    def load_prompt(self, state: dict | None, version: int, optimizer: dict | None = None) -> int:
+        """Adopt the prompt another worker stepped, or the one a lost worker held (all workers serve the
+        same cache version); `state` None: the checkpoint's prompt; `optimizer`: the prompt optimiser's
+        state, for the next round."""
+        self.teacher.prompt.load_state_dict(self._initial if state is None else state)
+        self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
+        if optimizer is not None:
+            self._prompt_opt.load_state_dict(optimizer)
+        # a fresh optimiser is exactly version 0's (no round yet)
+        self._rounds_from = version if optimizer is not None or version == 0 else -1
         self.version = version
         self._out = None
         return version
+
+    def pid(self) -> int:
+        """This worker's process id (fault-injection tests and benchmarks)."""
+        import os
+
+        return os.getpid()

@@ -34,3 +34,13 @@ class EarlyStopper:
 
     def should_stop(self, epoch: int) -> bool:
         return self.patience > 0 and epoch - self.best_epoch >= self.patience
+
+    def state_dict(self) -> dict:
+        """Everything `update`/`should_stop` depend on (a resumed run selects the same epoch)."""
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                "history": list(self.history), "window": list(self._window)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        self.history = [float(x) for x in state["history"]]
+        self._window = deque(float(x) for x in state["window"])

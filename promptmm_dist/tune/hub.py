@@ -12,6 +12,12 @@ code path) and, after the trial's first prompt round, produces its private versi
 TeacherWorker, exactly like a `promptmm distill` run.
 
 All these actors take 0 logical CPUs: they compute on demand while a trial that holds CPUs waits.
+
+Losing a shared cache costs time, not the sweep: the actor owns the refs it serves, so when its
+process dies they are gone (OwnerDiedError) but Ray restarts it (`ray_setup.actor_options`: it
+reloads the teacher from its checkpoint file) and every epoch is a pure function of (seed, epoch,
+shard), so a trial rank that cannot read an epoch asks its directory again and the trial's
+producer fetches it anew from the restarted actor, which recomputes it.
 """
 
 from __future__ import annotations
@@ -187,6 +193,12 @@ class SharedTeacherCache:
         with self._lock:
             return {**self.stats, "held": len(self._epochs), "name": self.name}
 
+    def pid(self) -> int:
+        """This actor's process id (fault-injection tests)."""
+        import os
+
+        return os.getpid()
+
 
 class TeacherHub:
     """Trains each distinct teacher once and hands out the shared caches (see module docstring)."""
@@ -287,7 +299,9 @@ class TeacherHub:
             c = self._caches.get(key)
             if c is None:
                 cfg = cfd(cfg_dict)
-                actor = ray.remote(num_cpus=0, max_concurrency=32)(SharedTeacherCache)
+                from promptmm_dist.ray_setup import actor_options
+
+                actor = ray.remote(num_cpus=0, max_concurrency=32, **actor_options(cfg.dist))(SharedTeacherCache)
                 handle = actor.remote(self.data_ref, cfg_dict, str(Path(rec["folder"]) / "teacher.pt"),
                                       self.shared["shards"], cfg.seed, cfg.student.neg_sample_num,
                                       int(self.plan["cache_keep_mb"] * 2**20), key)
@@ -404,21 +418,24 @@ class SharedCacheProducer(SoftRankingCache):
             # private teacher for this trial's prompt rounds; it loads while version 0 is served
             self.workers = [make_worker()]
 
-    def _items_ref(self):
-        if self.version == 0:
+    def _items_ref(self, version: int | None = None):
+        v = self.version if version is None else version
+        if v == 0:
             return self._shared_items
-        return super()._items_ref()
+        return super()._items_ref(v)
 
-    def _publish(self, epoch: int) -> None:
-        import ray
-
-        if self.version > 0:
-            return super()._publish(epoch)
+    def _publish(self, epoch: int, version: int | None = None) -> None:
+        v = self.version if version is None else version
+        if v > 0:
+            return super()._publish(epoch, v)
         t0 = time.perf_counter()
-        shard_refs, items = ray.get(self.shared.epoch.remote(epoch, self.trial))
+        shard_refs, items = self._call(self.shared.epoch.remote(epoch, self.trial),
+                                       f"the shared soft-ranking cache (epoch {epoch})")
         self._shared_items = items[0]
         self.refs[epoch] = [shard_refs[k][0] for k in sorted(shard_refs)]
-        ray.get(self.directory.publish.remote(epoch, 0, shard_refs, items))
+        self.epoch_version[epoch] = 0
+        self._call(self.directory.publish.remote(epoch, 0, shard_refs, items, [self._prompt_ref(0)]),
+                   "the cache directory")
         self._shared_epochs.add(epoch)
         dt = time.perf_counter() - t0
         self.stats.produce_s += dt
@@ -431,8 +448,7 @@ class SharedCacheProducer(SoftRankingCache):
         super()._drop(epoch)
         if epoch in self._shared_epochs:
             self._shared_epochs.discard(epoch)
-            if not self._left:
-                self.shared.release.remote(epoch, self.trial)
+            self.shared.release.remote(epoch, self.trial)  # also after leaving: a recomputed epoch's lease
 
     def _prompt_round(self, epoch: int) -> bool:
         ok = super()._prompt_round(epoch)

@@ -44,10 +44,11 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from promptmm_dist import ray_setup
+    from promptmm_dist.actor_calls import bounded_get
     from promptmm_dist.distill.cache import CacheDirectory
     from promptmm_dist.distill.student_trainer import student_train_loop
     from promptmm_dist.distill.teacher_workers import TeacherWorker
-    from promptmm_dist.pipeline import hard_token_cache
+    from promptmm_dist.paths import hard_token_dir
 
     for k, v in {**ray_setup.TRAIN_ENV, **TRAIN_START_ENV}.items():
         os.environ.setdefault(k, v)
@@ -72,21 +73,24 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     teacher = ray.get(hub.teacher.remote(sig, cfg_dict, trial))
     ckpt = str(Path(teacher["folder"]) / "teacher.pt")
-    directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote()
-    shared_cache = ray.get(hub.join.remote(trial, sig, S.cache_key(cfg, sig), cfg_dict, directory))[0]
+    directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote(cfg.dist.actor_timeout_s)
+    wait_s = cfg.dist.actor_timeout_s  # every wait on an actor below (the teacher wait above is training)
+    shared_cache = bounded_get(hub.join.remote(trial, sig, S.cache_key(cfg, sig), cfg_dict, directory),
+                               "the teacher hub (join)", wait_s)[0]
     data_ref = spec["data"][0]
-    worker_cls = ray.remote(num_cpus=0)(TeacherWorker)
+    worker_cls = ray.remote(num_cpus=0, **ray_setup.actor_options(cfg.dist))(TeacherWorker)
     n_ranks = max(cfg.dist.num_workers, 1)
     producer = SharedCacheProducer(
         shared_cache, trial, lambda: worker_cls.remote(data_ref, cfg_dict, ckpt),
         spec["shards"], [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
-        cfg.prompt.refresh_epochs, log=log).start()
+        cfg.prompt.refresh_epochs, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
     loop_config = {"cfg": cfg_dict, "data_ref": data_ref, "adj_ref": spec["adj_refs"][cfg.student.norm][0],
                    "total_pairs": spec["total_pairs"], "threads": ray_setup.torch_threads(plan["cpus_per_worker"]),
-                   "token_cache": str(hard_token_cache(cfg)), "num_shards": len(spec["shards"]),
+                   "token_cache": str(hard_token_dir()), "num_shards": len(spec["shards"]),
                    "directory": directory}
     if cfg.student.init_from_teacher:
-        loop_config["init_ref"] = ray.get(shared_cache.final_embeddings.remote())[0]
+        loop_config["init_ref"] = bounded_get(shared_cache.final_embeddings.remote(),
+                                              "the shared soft-ranking cache (final embeddings)", wait_s)[0]
     scaling, run_config = ray_setup.trainer_configs(cfg, f"student_{trial}", out, plan["cpus_per_worker"],
                                                     callbacks=[TuneReportCallback()])
     trainer = TorchTrainer(student_train_loop, train_loop_config=loop_config, scaling_config=scaling,
@@ -96,7 +100,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         result = trainer.fit()
     finally:
         producer.stop()
-        ray.get(hub.leave.remote(trial))
+        bounded_get(hub.leave.remote(trial), "the teacher hub (leave)", wait_s)
         for w in producer.workers:
             ray.kill(w)
         ray.kill(directory)
@@ -104,7 +108,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         raise producer.error
     if result.error:
         raise result.error
-    stopped = ray.get(hub.stop_requested.remote(trial))
+    stopped = bounded_get(hub.stop_requested.remote(trial), "the teacher hub", wait_s)
     summary = {"trial_id": trial, "teacher": sig, "teacher_trained_here": teacher["trained_here"],
                "teacher_source": teacher["source"], "teacher_wait_s": t_fit - t_start,
                "student_s": time.perf_counter() - t_fit, "wall_s": time.perf_counter() - t_start,
