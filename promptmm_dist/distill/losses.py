@@ -45,6 +45,13 @@ def bpr_loss(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
     return F.softplus(neg_scores - pos_scores).mean()
 
 
+def info_nce(a: Tensor, b: Tensor, tau: float) -> Tensor:
+    """Symmetric-free InfoNCE of row i of `a` against row i of `b` with the other rows of `b` as
+    negatives (cosine similarities / tau): mean over rows of -log softmax_j(cos(a_i, b_j) / tau)[i]."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / tau
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
 def l2_reg(*tensors: Tensor, batch_size: int | None = None) -> Tensor:
     """sum_t ||t||_F^2 / batch_size.
 

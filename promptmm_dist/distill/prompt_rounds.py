@@ -22,7 +22,21 @@ def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user:
                  student_item: torch.Tensor, student_projector: torch.nn.Module | None,
                  sampler: TrainSampler, cfg: Config, seed: int,
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-    """`cfg.prompt.round_steps` optimiser steps on the prompt; returns the mean round loss."""
+    """`cfg.prompt.round_steps` optimiser steps on the prompt; returns the mean round loss.
+
+    A pure function of (teacher, prompt state, student, seed): the samples and the prompt's dropout
+    both draw from `seed` (torch's global RNG is left as it was), so a round run by a TeacherWorker,
+    re-run on a restarted one, or run in-process gives the same prompt."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _prompt_round(teacher, graph, student_user, student_item, student_projector, sampler, cfg, seed,
+                             optimizer)
+
+
+def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user: torch.Tensor,
+                  student_item: torch.Tensor, student_projector: torch.nn.Module | None,
+                  sampler: TrainSampler, cfg: Config, seed: int,
+                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     sc, pc = cfg.student, cfg.prompt
     flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
     for n, p in teacher.named_parameters():

@@ -25,10 +25,14 @@ class LightGCN(nn.Module):
         self.projector = (nn.Linear(embed_dim, teacher_dim, bias=False)
                           if teacher_dim is not None and teacher_dim != embed_dim else nn.Identity())
 
-    def forward(self, graph: GraphPropagator) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, graph: GraphPropagator, project: bool = False) -> tuple[torch.Tensor, ...]:
+        """(user, item) propagated tables; with `project`, also the items mapped to the teacher size
+        for the embedding KD. The projector runs here, inside forward, so a DDP-wrapped student sees
+        every parameter it trains used in its forward pass."""
         x0 = torch.cat([self.user_emb.weight, self.item_emb.weight])
         out = graph.layer_mean(x0, self.n_layers) if self.n_layers > 0 else x0
-        return out[: self.n_users], out[self.n_users:]
+        user, item = out[: self.n_users], out[self.n_users:]
+        return (user, item, self.projector(item)) if project else (user, item)
 
     def base_embeddings(self) -> list[torch.Tensor]:
         return [self.user_emb.weight, self.item_emb.weight]

@@ -5,7 +5,7 @@ Any set of one or more modalities; no modality name is special.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ class TeacherOutput:
     modal_item: dict[str, torch.Tensor]
     prompt_user: torch.Tensor
     prompt_item: torch.Tensor
+    # pairs of (user, item) views the teacher loss aligns contrastively (backbones that use it fill it)
+    views: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class PromptMMTeacher(nn.Module):
@@ -68,11 +70,22 @@ class PromptMMTeacher(nn.Module):
         ego, modal = graph.layer_means([(torch.cat([e_u, e_i]), self.cfg.n_layers),
                                         (torch.cat([f_u, f_i]), self.cfg.modal_layers)])
         modal_user, modal_item = {}, {}
-        fused = ego
+        extra = self.item_graph_term(e_i)
+        fused = ego if extra is None else torch.cat([ego[: self.n_users], ego[self.n_users:] + extra])
         for m, h in zip(self.modalities, torch.split(modal, self.cfg.embed_dim, dim=1)):
             modal_user[m], modal_item[m] = h[: self.n_users], h[self.n_users:]
             fused = fused + self.cfg.lambda_c * l2norm(h)
-        return TeacherOutput(fused[: self.n_users], fused[self.n_users:], modal_user, modal_item, p_u, p_i)
+        return TeacherOutput(fused[: self.n_users], fused[self.n_users:], modal_user, modal_item, p_u, p_i,
+                             views=self.contrastive_views(ego, modal_user, modal_item))
+
+    def contrastive_views(self, ego: torch.Tensor, modal_user: dict[str, torch.Tensor],
+                          modal_item: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Views for the contrastive term of the loss; none for the PromptMM teacher."""
+        return {}
+
+    def item_graph_term(self, item_ids: torch.Tensor) -> torch.Tensor | None:
+        """Extra item-side signal added to the propagated ID embeddings (backbones override it)."""
+        return None
 
     def base_embeddings(self) -> list[torch.Tensor]:
         return [self.user_emb.weight, self.item_emb.weight]
