@@ -30,7 +30,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.local_kd import InProcessTeacherKD, NoKD, OnlineTeacherKD
 from promptmm_dist.models.student import LightGCN
-from promptmm_dist.pipeline import load_teacher
+from promptmm_dist.train.teacher_checkpoint import load_teacher
 from promptmm_dist.train.student_loop import train_epoch
 from promptmm_dist.train.teacher_loop import build_teacher, steps_per_epoch
 

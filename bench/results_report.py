@@ -99,7 +99,8 @@ def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | N
     import torch
 
     from promptmm_dist.data.formats import load_dataset
-    from promptmm_dist.pipeline import load_teacher, student_stage, teacher_stage
+    from promptmm_dist.pipeline import student_stage, teacher_stage
+    from promptmm_dist.train.teacher_checkpoint import load_teacher
 
     done = finished_row(name, data_path, seed, out, extra)
     if done is not None:

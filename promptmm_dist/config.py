@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ class TeacherConfig:
     eval_every: int = 1
     norm: str = "sym"  # adjacency normalisation: sym = D^-1/2 A D^-1/2, left = D^-1 A (authors')
     feature_norm: str = "standardize"  # per-column z-score of X^m (raw scales differ 300x across datasets) | none
+    backbone: str = "promptmm"  # teacher design (models/teachers.py registry): promptmm | freedom | contrastive
+    knn_k: int = 10  # freedom: neighbours per item in each modality's frozen item-item kNN graph
+    item_layers: int = 1  # freedom: propagation layers over the item-item graph
+    lambda_cl: float = 0.05  # contrastive: weight of the InfoNCE alignment of the ID and modality views
+    cl_tau: float = 0.2  # contrastive: InfoNCE temperature
 
 
 @dataclass
@@ -95,9 +101,18 @@ class DistConfig:
     num_shards: int = 1  # InteractionShard actors (users assigned by user % num_shards)
     num_teacher_workers: int = 1  # TeacherWorker actors producing the KD cache
     address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local single-node Ray
+    # run on Ray even with 0 workers and 1 shard (Train loops in the driver); any of --num-workers,
+    # --num-shards, --address given on the command line sets it, so `--num-workers 0` means Ray local mode
+    use_ray: bool = False
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train storage; default: <out>/ray
+    max_failures: int = 3  # Ray Train worker-group restarts per stage (FailureConfig) before the run fails;
+    # also the restarts of each shard / TeacherWorker / Tune shared-cache actor (rebuilt from files)
+    actor_timeout_s: float = 300.0  # longest any single wait on a Ray actor or the KD cache may last (a
+    # rank's fetch of an epoch, a teacher or shard call); when hit, the run fails with one line naming
+    # what was waited for. Waits on training itself (the producer waiting for ranks to finish an epoch)
+    # are not bounded by it: Ray Train's own failure handling ends those
 
 
 @dataclass
@@ -115,6 +130,100 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------ allowed values
+# One row per key: checked after every layer (dataset YAML, --config, --set, CLI flags) is applied,
+# so a bad value stops the command with one line before anything is written or trained.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Allowed values of one config key: a numeric range (bounds inclusive unless `*_open`) or choices."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+    def allows(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+POSITIVE = Rule(low=0, low_open=True)  # learning rates, temperatures, CPU shares
+NON_NEGATIVE = Rule(low=0)  # loss weights, L2, prompt rates, layer counts, patience (0 = off)
+AT_LEAST_ONE = Rule(low=1)  # epochs, batch sizes, dimensions, counts
+PROBABILITY = Rule(low=0, high=1, high_open=True)  # dropout rates
+NORMS = Rule(choices=("sym", "left"))
+
+RULES: dict[str, Rule] = {
+    "seed": NON_NEGATIVE,
+    "data.format": Rule(choices=("auto", "promptmm", "mmrec", "canonical")),
+    "prompt.soft_token_rate": NON_NEGATIVE, "prompt.feat_soft_token_rate": NON_NEGATIVE,
+    "prompt.prompt_dropout": PROBABILITY, "prompt.lambda_p": NON_NEGATIVE, "prompt.lr": POSITIVE,
+    "prompt.refresh_epochs": NON_NEGATIVE, "prompt.round_steps": AT_LEAST_ONE,
+    "teacher.embed_dim": AT_LEAST_ONE, "teacher.n_layers": NON_NEGATIVE, "teacher.modal_layers": NON_NEGATIVE,
+    "teacher.dropout": PROBABILITY, "teacher.lambda_c": NON_NEGATIVE, "teacher.lambda_m": NON_NEGATIVE,
+    "teacher.weight_decay": NON_NEGATIVE, "teacher.lr": POSITIVE, "teacher.batch_size": AT_LEAST_ONE,
+    "teacher.epochs": AT_LEAST_ONE, "teacher.patience": NON_NEGATIVE, "teacher.eval_every": AT_LEAST_ONE,
+    "teacher.norm": NORMS, "teacher.feature_norm": Rule(choices=("standardize", "none")),
+    "teacher.knn_k": AT_LEAST_ONE, "teacher.item_layers": NON_NEGATIVE, "teacher.lambda_cl": NON_NEGATIVE,
+    "teacher.cl_tau": POSITIVE,
+    # the names of models/teachers.TEACHERS (config sits below the models, so they are listed here;
+    # tests/test_teacher_backbones.py checks the two lists agree)
+    "teacher.backbone": Rule(choices=("promptmm", "freedom", "contrastive")),
+    "student.embed_dim": AT_LEAST_ONE, "student.n_layers": NON_NEGATIVE, "student.lr": POSITIVE,
+    "student.weight_decay": NON_NEGATIVE, "student.batch_size": AT_LEAST_ONE, "student.epochs": AT_LEAST_ONE,
+    "student.patience": NON_NEGATIVE, "student.eval_every": AT_LEAST_ONE, "student.tau": POSITIVE,
+    "student.lambda_pair": NON_NEGATIVE, "student.lambda_list": NON_NEGATIVE, "student.lambda_emb": NON_NEGATIVE,
+    "student.emb_alpha": POSITIVE, "student.neg_sample_num": AT_LEAST_ONE,
+    "student.list_users_per_batch": AT_LEAST_ONE, "student.list_modal_weight": NON_NEGATIVE,
+    "student.list_fused_weight": NON_NEGATIVE, "student.list_kd": Rule(choices=("reweighted", "dkd")),
+    "student.dkd_alpha": NON_NEGATIVE, "student.dkd_beta": NON_NEGATIVE, "student.norm": NORMS,
+    "student.smooth_window": AT_LEAST_ONE,
+    "dist.num_workers": NON_NEGATIVE, "dist.num_shards": AT_LEAST_ONE, "dist.num_teacher_workers": AT_LEAST_ONE,
+    "dist.cpus_per_worker": POSITIVE, "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
+}
+
+
+def leaf_values(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"student.epochs": 100, ...}`: every non-section key of a config, dotted."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(leaf_values(value, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def validate(cfg: Config, labels: dict[str, str] | None = None) -> Config:
+    """Raise ConfigError (one line) on the first key whose value `RULES` does not allow; `labels`
+    names keys the user set another way (`{"dist.num_shards": "--num-shards"}`)."""
+    for key, value in leaf_values(cfg).items():
+        rule = RULES.get(key)
+        if rule is not None and not rule.allows(value):
+            name = (labels or {}).get(key) or f"config key {key!r}"
+            raise ConfigError(f"{name} must be {rule.describe()}, got {value!r}")
+    return cfg
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
@@ -161,7 +270,10 @@ def parse_override(item: str) -> dict[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_line(f"--set {item}", e, one_line=True)) from None
     tree: dict[str, Any] = {}
     node = tree
     parts = key.strip().split(".")
@@ -199,7 +311,7 @@ def load_config(
         try:
             layers.append(yaml.safe_load(p.read_text()) or {})
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(yaml_error_line(p, e)) from None
     if base:
         layers.append(base)
     for item in overrides or []:
@@ -210,13 +322,28 @@ def load_config(
         _apply(cfg, layer)
     if data_path is not None:
         cfg.data.path = data_path
-    return cfg
+    return validate(cfg)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     cfg = Config()
     _apply(cfg, d)
-    return cfg
+    return validate(cfg)
+
+
+def yaml_error_line(path: object, err: yaml.YAMLError, one_line: bool = False) -> str:
+    """`FILE:LINE:COLUMN: invalid YAML: <problem>` (1-based, as editors count) from a PyYAML error;
+    `one_line` (a --set value): `SOURCE column C: ...`."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        where = str(path)
+    else:
+        where = f"{path} column {mark.column + 1}" if one_line else f"{path}:{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and cmark is not None and not one_line:
+        context += f" started at line {cmark.line + 1}"
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def dumps_json(obj: Any) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from promptmm_dist.actor_calls import bounded_get
 from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.graph import GraphPropagator, normalized_adjacency
@@ -24,8 +25,11 @@ from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.eval.metrics import add_sums, finalize
 from promptmm_dist.models.student import LightGCN
+from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, write_history, write_json
 from promptmm_dist import ray_setup
+from promptmm_dist.run_resume import (StageRun, latest_resume, load_prompt, ray_loop_config, ray_storage,
+                                      save_prompt, stage_fingerprint)
 
 
 def log(msg: str) -> None:
@@ -58,13 +62,15 @@ class DistributedRun:
         t0 = time.perf_counter()
         self._owns_shards = shared is None
         if shared is None:
+            ray_setup.shards_cover_workers(cfg.dist, log)
             parquet = canonical_parquet(data, cfg, out)
-            shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS)(ShardState)
+            shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS, **ray_setup.actor_options(cfg.dist))(ShardState)
             self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
                            for k in range(cfg.dist.num_shards)]
         else:
             self.shards = list(shared["shards"])
-        self.shard_info = ray.get([s.info.remote() for s in self.shards])
+        self.shard_info = bounded_get([s.info.remote() for s in self.shards], "the shard actors (loading)",
+                                      cfg.dist.actor_timeout_s)
         self.total_pairs = sum(i["train_pairs"] for i in self.shard_info)
         # shared once, read zero-copy by every worker
         if shared is None:
@@ -80,11 +86,9 @@ class DistributedRun:
             f"train pairs), {cfg.dist.num_workers} train workers x {self.cpus} CPU")
 
     def _loop_config(self, norm: str) -> dict:
-        from promptmm_dist.pipeline import hard_token_cache
-
         return {"cfg": self.cfg.to_dict(), "data_ref": self.data_ref, "adj_ref": self.adj_refs[norm],
                 "total_pairs": self.total_pairs, "threads": ray_setup.torch_threads(self.cpus),
-                "token_cache": str(hard_token_cache(self.cfg)), "num_shards": len(self.shards)}
+                "token_cache": str(hard_token_dir()), "num_shards": len(self.shards)}
 
     def _fit(self, loop, name: str, config: dict):
         from ray.train.torch import TorchTrainer
@@ -102,9 +106,14 @@ class DistributedRun:
         from promptmm_dist.train.teacher_trainer import teacher_train_loop
 
         t0 = time.perf_counter()
-        config = {**self._loop_config(self.cfg.teacher.norm), "shards": self.shards}
-        result = self._fit(teacher_train_loop, "teacher", config)
         folder = self.out / "teacher"
+        stage = self._stage("teacher", stage_fingerprint(self.cfg, "teacher", self.data.manifest_sha256))
+        if stage.finished:  # a rerun into the same --out: same inputs, so the same teacher
+            log(f"teacher: reusing the finished stage in {folder}")
+            return folder, stage.meta()
+        config = {**self._loop_config(self.cfg.teacher.norm), "shards": self.shards,
+                  **ray_loop_config(stage, latest_resume(stage)[1])}
+        result = self._fit(teacher_train_loop, "teacher", config)
         _take_checkpoint(result, folder)
         teacher = self.load_teacher(folder)
         with torch.no_grad():
@@ -115,11 +124,35 @@ class DistributedRun:
                 "train_seconds": time.perf_counter() - t0, "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
         write_json(folder / "meta.json", meta)
+        stage.finish()
         self.timings["teacher_s"] = time.perf_counter() - t0
         return folder, meta
 
+    def _cache_start(self, stage: StageRun):
+        """(first epoch, its cache version's PromptState, resume.pt path) for a student stage that
+        continues; (0, None, None) when it starts. Epoch K's cache version is the number of prompt
+        rounds before it; a round the driver did not live to save means starting the stage over."""
+        state, path = latest_resume(stage)
+        if state is None:
+            return 0, None, None
+        epochs, every = self.cfg.student.epochs, self.cfg.prompt.refresh_epochs
+        first = epochs if state.done else state.next_epoch
+        if first >= epochs:
+            return first, None, path  # only the closing report is left: nothing to produce
+        version = sum(1 for e in range(first) if every > 0 and (e + 1) % every == 0 and e + 1 < epochs)
+        try:
+            return first, load_prompt(stage.folder, version), path
+        except FileNotFoundError:
+            log(f"student: prompt of cache version {version} was not saved; starting the stage over")
+            stage.restart()
+            return 0, None, None
+
+    def _stage(self, name: str, fingerprint: dict) -> StageRun:
+        """Reuse, continue or (re)start a stage of this run folder (see run_resume)."""
+        return StageRun(self.out / name, fingerprint, f"{name}.pt", ray_storage(self.cfg, self.out, name))
+
     def load_teacher(self, folder: Path):
-        from promptmm_dist.pipeline import load_teacher
+        from promptmm_dist.train.teacher_checkpoint import load_teacher
 
         return load_teacher(self.data, self.cfg, folder)
 
@@ -127,22 +160,42 @@ class DistributedRun:
         import ray
         from promptmm_dist.distill.student_trainer import student_train_loop
 
+        from promptmm_dist.train.teacher_checkpoint import adopt_teacher_settings
+
         t0 = time.perf_counter()
         cfg = self.cfg
+        # the TeacherWorkers rebuild the teacher with the settings it was trained with
+        teacher_folder = adopt_teacher_settings(cfg, teacher_folder, self.data.manifest_sha256)
         ckpt = str((teacher_folder / "teacher.pt").resolve())
-        worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS)(TeacherWorker)
+        stage = self._stage("student", stage_fingerprint(cfg, "student", self.data.manifest_sha256,
+                                                          load_state(Path(ckpt))))
+        if stage.finished:  # a rerun into the same --out: same inputs and teacher, so the same student
+            log(f"student: reusing the finished stage in {stage.folder}")
+            return stage.meta()
+        first_epoch, prompt, resume_path = self._cache_start(stage)
+        timeout = cfg.dist.actor_timeout_s
+        worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS, **ray_setup.actor_options(cfg.dist))(TeacherWorker)
         workers = [worker_cls.remote(self.data_ref, cfg.to_dict(), ckpt) for _ in range(cfg.dist.num_teacher_workers)]
-        directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote()
+        directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote(timeout)
         n_ranks = max(cfg.dist.num_workers, 1)
         cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
-                                 cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log).start()
-        config = {**self._loop_config(cfg.student.norm), "directory": directory}
+                                 cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
+                                 timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
+                                 on_round=lambda p: save_prompt(stage.folder, p)).start()
+        self.cache = cache  # fault-injection benchmarks read its stats
+        config = {**self._loop_config(cfg.student.norm), "directory": directory,
+                  **ray_loop_config(stage, resume_path)}
         if cfg.student.init_from_teacher:
-            config["init_ref"] = ray.put(ray.get(workers[0].final_embeddings.remote()))
+            config["init_ref"] = ray.put(bounded_get(workers[0].final_embeddings.remote(),
+                                                     "TeacherWorker 0 (final embeddings)", timeout))
         try:
             result = self._fit(student_train_loop, "student", config)
-        finally:
+        except Exception:
             cache.stop()
+            if cache.error is not None:  # the cause (what died), not the symptom Train saw; the CLI prints it
+                raise cache.error from None
+            raise
+        cache.stop()
         if cache.error is not None:
             raise cache.error
         folder = self.out / "student"
@@ -166,12 +219,16 @@ class DistributedRun:
                 "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
                           "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
                           "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
+                          "recomputed": st.recomputed,
                           "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
                 "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
         write_json(folder / "meta.json", meta)
-        log(f"cache: {st.versions} version(s), {meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB per epoch, "
-            f"at most {st.max_epochs_held} epochs held, producing {st.produce_s:.1f}s, "
-            f"students waited {meta['cache']['student_wait_s']:.1f}s")
+        stage.finish()
+        prompt = f"prompt refreshed {st.versions - 1} time(s)" if st.versions > 1 else "prompt frozen"
+        log(f"KD cache: teacher rankings for {st.epochs_published} epochs, "
+            f"{meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB each, at most {st.max_epochs_held} in memory "
+            f"at once; computed in {st.produce_s:.1f}s while the students trained, who waited "
+            f"{meta['cache']['student_wait_s']:.1f}s for them; {prompt}")
         for w in workers:
             ray.kill(w)
         ray.kill(directory)
@@ -185,7 +242,8 @@ class DistributedRun:
         emb = ray.put((user.numpy(), item.numpy()))
         out = {}
         for split in ("val", "test"):
-            parts = ray.get([s.evaluate_sums.remote(emb, split) for s in self.shards])
+            parts = bounded_get([s.evaluate_sums.remote(emb, split) for s in self.shards],
+                                f"the shard actors ({split} evaluation)", self.cfg.dist.actor_timeout_s)
             out[split] = finalize(*add_sums(parts))
         return out
 

@@ -16,3 +16,8 @@ class DataError(Exception):
 
 class ConfigError(Exception):
     """Bad configuration (unknown key, wrong type). One line, exit status 2."""
+
+
+class RunFailed(RuntimeError):
+    """A run could not go on (an actor lost for good, a wait past `dist.actor_timeout_s`, the KD cache
+    failed). `str(err)` is one line naming what failed; the CLI prints it and exits with status 1."""

@@ -29,3 +29,8 @@ def cache_dir() -> Path:
     env = os.environ.get("PROMPTMM_CACHE_DIR")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "promptmm_dist"
     return base
+
+
+def hard_token_dir() -> Path:
+    """Where the PCA hard tokens of each dataset are cached (computed once per dataset and size)."""
+    return cache_dir() / "hard_tokens"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from promptmm_dist.config import Config, load_config
+from promptmm_dist.config import Config, load_config, validate
 from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.graph import GraphPropagator
@@ -26,8 +26,10 @@ from promptmm_dist.errors import ConfigError, DataError
 from promptmm_dist.eval.evaluate import EvalData, embedding_scorer, evaluate_splits
 from promptmm_dist.models.student import MODELS, LightGCN
 from promptmm_dist.models.teacher import PromptMMTeacher
+from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, save_checkpoint, write_history, write_json
 from promptmm_dist.train.student_loop import fit_student
+from promptmm_dist.train.teacher_checkpoint import load_teacher
 from promptmm_dist.train.teacher_loop import StageResult, build_teacher, fit_teacher
 
 
@@ -47,17 +49,25 @@ def final_metrics(data: InteractionData, user: torch.Tensor, item: torch.Tensor)
 
 def teacher_stage(data: InteractionData, cfg: Config, out: Path) -> tuple[PromptMMTeacher, dict]:
     """Train the teacher + prompt locally, save the best (validation) checkpoint, return metrics."""
+    from promptmm_dist.run_resume import StageRun, stage_fingerprint
+
+    stage = StageRun(out / "teacher", stage_fingerprint(cfg, "teacher", data.manifest_sha256), "teacher.pt")
+    if stage.finished:  # a rerun into the same --out: same inputs, so the same teacher
+        log(f"teacher: reusing the finished stage in {stage.folder}")
+        return load_teacher(data, cfg, stage.folder), stage.meta()
     graph = GraphPropagator.from_train(data.train_csr, cfg.teacher.norm)
-    teacher = build_teacher(data, cfg, cache_folder=hard_token_cache(cfg))
+    teacher = build_teacher(data, cfg, cache_folder=hard_token_dir())
     sampler = TrainSampler(data.train_csr)
     result = fit_teacher(data, cfg, teacher, graph,
-                         lambda e: sampler.epoch(1, epoch_seed(cfg.seed, e)), sampler.n_pairs, log=log)
+                         lambda e: sampler.epoch(1, epoch_seed(cfg.seed, e)), sampler.n_pairs, log=log,
+                         **stage.loop_kwargs())
     with torch.no_grad():
         o = teacher(graph)
     metrics = final_metrics(data, o.user, o.item)
     meta = stage_meta(data, result, metrics, teacher_params=count_params(teacher))
     save_checkpoint(out / "teacher", "teacher", teacher.state_dict(), cfg, meta)
     write_history(out / "teacher" / "history.jsonl", result.history)
+    stage.finish()
     return teacher, meta
 
 
@@ -70,6 +80,17 @@ def student_stage(data: InteractionData, cfg: Config, out: Path, teacher: Prompt
     teacher_dim = cfg.teacher.embed_dim if teacher is not None else None
     student = MODELS[model](data.n_users, data.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
                             teacher_dim=teacher_dim)
+    name = "student" if teacher is not None else model
+    from promptmm_dist.run_resume import StageRun, stage_fingerprint
+
+    fingerprint = stage_fingerprint(cfg, "student", data.manifest_sha256,
+                                    teacher.state_dict() if teacher is not None else None)
+    stage = StageRun(out / name, {**fingerprint, "model": model}, f"{name}.pt")
+    if stage.finished:  # a rerun into the same --out: same inputs and teacher, so the same student
+        log(f"{name}: reusing the finished stage in {stage.folder}")
+        student.load_state_dict(load_state(stage.folder / f"{name}.pt"))
+        student.eval()
+        return student, stage.meta()
     sampler = TrainSampler(data.train_csr)
     if teacher is not None:
         t_graph = GraphPropagator.from_train(data.train_csr, cfg.teacher.norm)
@@ -80,8 +101,8 @@ def student_stage(data: InteractionData, cfg: Config, out: Path, teacher: Prompt
             log("student initialised from teacher embeddings (init_from_teacher=true)")
     else:
         kd = NoKD(sampler, cfg)
-    name = "student" if teacher is not None else model
-    result = fit_student(data, cfg, student, graph, kd, sampler.n_pairs, log=log, stage=name)
+    result = fit_student(data, cfg, student, graph, kd, sampler.n_pairs, log=log, stage=name,
+                         **stage.loop_kwargs())
     with torch.no_grad():
         user, item = student(graph)
     metrics = final_metrics(data, user, item)
@@ -92,6 +113,7 @@ def student_stage(data: InteractionData, cfg: Config, out: Path, teacher: Prompt
     save_checkpoint(folder, name, student.state_dict(), cfg, meta)
     np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
     write_history(folder / "history.jsonl", result.history)
+    stage.finish()
     return student, meta
 
 
@@ -101,48 +123,45 @@ def stage_meta(data: InteractionData, result: StageResult, metrics: dict, **extr
             "dataset": data.name, "manifest_sha256": data.manifest_sha256, **extra}
 
 
-def hard_token_cache(cfg: Config) -> Path | None:
-    from promptmm_dist.paths import cache_dir
-    return cache_dir() / "hard_tokens"
-
-
-def load_teacher(data: InteractionData, cfg: Config, folder: Path) -> PromptMMTeacher:
-    """Rebuild the teacher from a run folder and check it was trained on this dataset."""
-    ckpt = folder / "teacher" if (folder / "teacher").is_dir() else folder
-    meta_path = ckpt / "meta.json"
-    if not meta_path.exists():
-        raise DataError(ckpt, None, "not a teacher checkpoint folder (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("manifest_sha256") and data.manifest_sha256 and meta["manifest_sha256"] != data.manifest_sha256:
-        raise DataError(ckpt, "meta.json", "teacher was trained on a different dataset (manifest hash differs)")
-    saved = load_config(ckpt / "config.yaml", data_path=cfg.data.path)
-    cfg.teacher, cfg.prompt.soft_token_rate, cfg.prompt.feat_soft_token_rate = (
-        saved.teacher, saved.prompt.soft_token_rate, saved.prompt.feat_soft_token_rate)
-    teacher = build_teacher(data, cfg, cache_folder=hard_token_cache(cfg))
-    teacher.load_state_dict(load_state(ckpt / "teacher.pt"))
-    teacher.eval()
-    return teacher
-
-
 # -------------------------------------------------------------------------------------- commands
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    if getattr(args, "mlflow", None) is not None:  # fail before training when tracking cannot work
+        from promptmm_dist.tracking import require_mlflow
+        require_mlflow(args.mlflow)
     cfg = load_config(args.config, args.set, data_path=args.data)
     cfg.data.format = args.format
     cfg.out = args.out
     if args.seed is not None:
         cfg.seed = args.seed
+    labels = {"seed": "--seed"} if args.seed is not None else {}
     for attr, key in (("num_workers", "num_workers"), ("num_shards", "num_shards"), ("address", "address")):
         if getattr(args, attr, None) is not None:
             setattr(cfg.dist, key, getattr(args, attr))
+            cfg.dist.use_ray = True  # an explicit distribution flag (even --num-workers 0) means Ray
+            labels[f"dist.{key}"] = "--" + attr.replace("_", "-")
+    cfg = validate(cfg, labels)
+    from promptmm_dist.ray_setup import shards_cover_workers
+    shards_cover_workers(cfg.dist, log)  # before config.yaml is written, so it records what runs
     return cfg
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[Config, InteractionData, Path]:
     cfg = config_from_args(args)
     data = load_dataset(cfg.data.path, cfg.data.format, cfg.data.modalities)
+    if uses_ray(cfg) and getattr(args, "command", None) != "baseline":  # baseline always runs in-process
+        # reach the cluster and check the workers fit it before anything is written
+        from promptmm_dist import ray_setup
+        ray_setup.init_ray(cfg.dist)
+        ray_setup.check_workers_fit(cfg.dist)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    from promptmm_dist.run_lock import acquire
+    from promptmm_dist.run_resume import clear_run
+
+    acquire(out)  # one run per --out: a second one stops here with one line
+    if getattr(args, "restart", False):
+        clear_run(out)  # --restart: forget finished stages and partial epochs
     (out / "config.yaml").write_text(cfg.to_yaml())
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -150,13 +169,22 @@ def prepare_run(args: argparse.Namespace) -> tuple[Config, InteractionData, Path
 
 
 def uses_ray(cfg: Config) -> bool:
-    """Distributed path when asked for workers/shards or a cluster; the in-process path otherwise."""
+    """Distributed path when asked for workers/shards/Ray (`dist.use_ray`, set by any explicit
+    --num-workers/--num-shards/--address, so `--num-workers 0` is Ray Train local mode) or a cluster;
+    the in-process path otherwise."""
     import os
-    return bool(cfg.dist.num_workers or cfg.dist.num_shards > 1 or cfg.dist.address or os.environ.get("RAY_ADDRESS"))
+    return bool(cfg.dist.use_ray or cfg.dist.num_workers or cfg.dist.num_shards > 1 or cfg.dist.address
+                or os.environ.get("RAY_ADDRESS"))
 
 
 def finish(out: Path, metrics: dict, args: argparse.Namespace) -> int:
     write_json(out / "metrics.json", metrics)
+    if metrics.get("mode") != "tune":  # a sweep writes its own summary.md and plots
+        from promptmm_dist.report.command import write_run_report
+        write_run_report(out)
+    if getattr(args, "mlflow", None) and metrics.get("mode") != "tune":  # sweeps: one MLflow run per trial
+        from promptmm_dist.tracking import log_run
+        log_run(out, metrics, args.mlflow, getattr(args, "command", "run"))
     if args.json:
         print(json.dumps(metrics, default=float))
     else:
@@ -165,6 +193,8 @@ def finish(out: Path, metrics: dict, args: argparse.Namespace) -> int:
             log(f"{name}: test recall@20 {m['test']['recall@20']:.4f} ndcg@20 {m['test']['ndcg@20']:.4f} "
                 f"(val {m['val']['recall@20']:.4f}, best epoch {m.get('best_epoch')})")
         log(f"metrics: {out / 'metrics.json'}")
+        if metrics.get("mode") != "tune":
+            log(f"curves: {out / 'curves.png'}, summary: {out / 'summary.md'}")
     return 0
 
 

@@ -8,10 +8,16 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from promptmm_dist import ray_quiet
+from promptmm_dist.cluster_checks import check_reachable, local_cpus
+from promptmm_dist.cluster_checks import check_workers_fit as check_workers_fit_cpus
 from promptmm_dist.config import Config, DistConfig
 from promptmm_dist.run_io import write_history, write_json
+
+if TYPE_CHECKING:
+    from promptmm_dist.train.state import LoopState
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
 TEACHER_WORKER_CPUS = 0.25
@@ -34,12 +40,41 @@ def init_ray(dist: DistConfig) -> None:
         return
     address = dist.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": {k: os.environ[k] for k in ("PROMPTMM_DATA_DIR", "PROMPTMM_CACHE_DIR")
-                                if k in os.environ}}
+                                if k in os.environ},
+                   # by module path: workers import it (no pickled function through the GCS)
+                   "worker_process_setup_hook": "promptmm_dist.ray_quiet.quiet_worker_process"}
+    ray_quiet.quiet_warnings()  # the driver too: Train local mode runs the loops here
     if address:
+        check_reachable(address, "--address" if dist.address else "RAY_ADDRESS")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        check_workers_fit_cpus(dist.num_workers, local_cpus())  # before a slow start; rechecked after
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
                  _system_config=LOCAL_SYSTEM_CONFIG)
+
+
+def check_workers_fit(dist: DistConfig) -> None:
+    """One line (ConfigError) when the connected cluster has fewer CPUs than Train workers asked for."""
+    import ray
+
+    check_workers_fit_cpus(dist.num_workers, float(ray.cluster_resources().get("CPU", 0.0)))
+
+
+def actor_options(dist: DistConfig) -> dict:
+    """Ray options of the run's rebuildable actors (shards, TeacherWorkers, Tune shared caches): a
+    lost one is restarted up to `dist.max_failures` times (its constructor rebuilds it from files)
+    and the calls it was running are retried on the new one (every such call is idempotent)."""
+    n = int(dist.max_failures)
+    return {"max_restarts": n, "max_task_retries": n}
+
+
+def shards_cover_workers(dist: DistConfig, log: Callable[[str], None]) -> None:
+    """Every rank trains on whole shards, so there must be at least as many shards as ranks: raise
+    `num_shards` to `num_workers` (saying so) rather than leave a rank without data."""
+    if dist.num_shards < dist.num_workers:
+        log(f"ray: {dist.num_workers} train workers need at least as many shards; "
+            f"using {dist.num_workers} shards instead of {dist.num_shards}")
+        dist.num_shards = dist.num_workers
 
 
 def cpus_per_worker(dist: DistConfig, n_aux_cpus: float) -> float:
@@ -59,13 +94,15 @@ def torch_threads(cpus: float) -> int:
 def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: list | None = None):
     """ScalingConfig + RunConfig for a stage (Train V2; storage always explicit). `callbacks`: Train
     callbacks, e.g. Tune's TuneReportCallback when a Tune trial launches the trainer."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
     storage = Path(cfg.dist.storage_path or (out / "ray")).resolve()
     scaling = ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
                             resources_per_worker={"CPU": cpus})
     run = RunConfig(name=name, storage_path=str(storage),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks)
+                    checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+                    # a lost worker restarts the group from the latest (every-epoch) checkpoint
+                    failure_config=FailureConfig(max_failures=cfg.dist.max_failures))
     return scaling, run
 
 
@@ -89,12 +126,19 @@ def quiet_train_reports() -> None:
         pass
 
 
-def make_reporter(files: Callable[[Path], None], rank: int) -> Callable[[dict, object], None]:
+def make_reporter(files: Callable[[Path, "LoopState"], None], rank: int,
+                  mirror: str | None = None, initial: "LoopState | None" = None) -> Callable[[dict, object], None]:
     """Report every epoch from every rank (Train requires equal counts); rank 0 attaches a
-    checkpoint (written by `files(folder)`) when the epoch is the new validation best.
+    checkpoint every epoch: `files(folder, state)` writes the best weights so far (what the driver
+    takes at the end) and the reporter adds the resume state (`resume.pt`, the latest epoch, read back
+    by `ray.train.get_checkpoint()` after a worker-group restart or a rerun) and the history.
+    A final row (`final`) without a state reuses the last epoch's (`initial`: the state resumed
+    from, for a rerun that has no epoch left to run). `mirror`: a folder where rank 0
+    also keeps the latest resume.pt (the run folder: Train local mode keeps no checkpoint across a
+    driver restart, and the driver reads the epoch to restart the KD cache at from it).
 
     Distributed workers upload the staging folder to storage and Train deletes it. Train local mode
-    keeps the checkpoint where it is, so there a staging folder is only removed once a newer best has
+    keeps the checkpoint where it is, so there a staging folder is only removed once a newer one has
     been reported, and the driver removes the last one (`release_staged_checkpoint`).
     """
     import shutil
@@ -103,19 +147,22 @@ def make_reporter(files: Callable[[Path], None], rank: int) -> Callable[[dict, o
 
     quiet_train_reports()
     previous: list[str] = []
-    history: list[dict] = []  # travels inside every checkpoint: local mode keeps no metrics history
+    last: list = [initial]
 
-    def report(row: dict, best_model: object) -> None:
+    def report(row: dict, state=None) -> None:
         metrics = flat_metrics(row)
-        if not row.get("final"):
-            history.append(row)
-        if best_model is not None and rank == 0:
+        state = state if state is not None else last[0]
+        last[0] = state
+        if state is not None and rank == 0:
             folder = tempfile.mkdtemp(prefix=STAGING_PREFIX)
-            files(Path(folder))
+            files(Path(folder), state)
+            state.save(Path(folder))
             write_json(Path(folder) / "epoch.json", metrics)
-            write_history(Path(folder) / "history.jsonl", history)
+            write_history(Path(folder) / "history.jsonl", state.history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              delete_local_checkpoint_after_upload=True)
+            if mirror:
+                state.save(Path(mirror))
             for old in previous:
                 shutil.rmtree(old, ignore_errors=True)
             previous[:] = [folder]

@@ -103,3 +103,27 @@ def test_distributed_run_with_prompt_rounds(tiktok_path, tmp_path, ray_session):
     assert (tmp_path / "student" / "student.pt").exists() and (tmp_path / "teacher" / "teacher.pt").exists()
     hist = [json.loads(line) for line in (tmp_path / "student" / "history.jsonl").read_text().splitlines()]
     assert len(hist) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp_path, ray_session, capfd):
+    """2 DDP ranks with d_S != d (the projector trains inside the DDP forward) and the default single
+    shard (raised to one per rank, with a log line): the run finishes and the projector learned."""
+    data = subset_first_users(load_dataset(tiktok_path), 300)
+    cfg = tiny_config(epochs=2, embed_dim=8, lambda_emb=0.5)
+    cfg.teacher.epochs = 1
+    cfg.dist.num_workers = 2
+    cfg.dist.num_shards = 1
+    metrics = run_distributed(data, cfg, tmp_path)
+    assert cfg.dist.num_shards == 2
+    assert "using 2 shards instead of 1" in capfd.readouterr().err
+    assert metrics["num_workers"] == 2
+    assert 0.0 <= metrics["student"]["val"]["recall@20"] <= 1.0
+    state = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
+    assert state["projector.weight"].shape == (16, 8)
+    torch.manual_seed(cfg.seed)  # the projector's initial weights, drawn as the student was built
+    from promptmm_dist.models.student import LightGCN
+
+    fresh = LightGCN(data.n_users, data.n_items, 8, cfg.student.n_layers, teacher_dim=16)
+    assert not torch.allclose(fresh.projector.weight, state["projector.weight"])

@@ -15,6 +15,7 @@ from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
 from promptmm_dist.models.student import MODELS
 from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.progress import worker_log
+from promptmm_dist.train.state import LoopState, latest_state
 from promptmm_dist.train.student_loop import fit_student
 from promptmm_dist.train.teacher_trainer import rank_shards
 from promptmm_dist.train.world import World
@@ -40,23 +41,43 @@ def student_train_loop(config: dict) -> None:
     if config.get("init_ref") is not None:
         user, item = ray.get(config["init_ref"])
         student.init_from(torch.as_tensor(np.array(user)), torch.as_tensor(np.array(item)))
+    # the projector (d_S != d) runs inside the student's forward; it only goes unused (and DDP must
+    # look for unused parameters, which otherwise makes every rank warn) when embedding KD is off
+    unused = any(True for _ in student.projector.parameters()) and sc.lambda_emb == 0
     module = (ray.train.torch.prepare_model(student, move_to_device=False,
-                                            parallel_strategy_kwargs={"find_unused_parameters": True})
+                                            parallel_strategy_kwargs={"find_unused_parameters": unused})
               if world.world_size > 1 else student)
     mine = rank_shards(config["num_shards"], world.rank, world.world_size)
     kd = RayCacheKD(config["directory"], world.rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
                     projector=student.projector)
 
-    def files(folder: Path) -> None:
-        save_checkpoint(folder, "student", student.state_dict(), cfg,
+    def files(folder: Path, state: LoopState) -> None:
+        save_checkpoint(folder, "student", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
 
-    report = make_reporter(files, world.rank)
+    resume = latest_state(config.get("resume_from"))
+    report = make_reporter(files, world.rank, config.get("resume_mirror"), initial=resume)
     try:
         result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world,
-                             train_module=module, report=report, log=worker_log)
+                             train_module=module, report=report, log=worker_log,
+                             resume=resume,
+                             progress_dir=config.get("progress_dir"), kd_state=CacheVersion(kd))
     except TrainingEnded:
-        return  # tune stopped the trial: the best checkpoint so far is already reported
-    # one last report carrying the selected (best validation) weights: Train keeps the latest
-    # checkpoint, and in local mode `result.checkpoint` is the last report's
-    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, student)
+        return  # tune stopped the trial: the last epoch's checkpoint is already reported
+    # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,
+    # whose student.pt holds the selected (best validation) weights
+    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val})
+
+
+class CacheVersion:
+    """The Ray student's KD state: only the cache version it last trained on (the prompt itself lives
+    in the TeacherWorkers; the driver saves each round's prompt, see distributed.py)."""
+
+    def __init__(self, kd: RayCacheKD) -> None:
+        self.kd = kd
+
+    def state_dict(self) -> dict:
+        return {"cache_version": int(self.kd.version)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # the cache tells a rank its version with every epoch it serves

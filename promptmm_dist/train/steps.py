@@ -16,6 +16,7 @@ from promptmm_dist.config import PromptConfig, StudentConfig, TeacherConfig
 from promptmm_dist.distill.losses import (
     bpr_loss,
     embedding_kd,
+    info_nce,
     l2_reg,
     modality_list_kd,
     pairwise_kd,
@@ -103,7 +104,25 @@ def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tens
     loss_prompt = bpr_loss(ps[:, 0], ps[:, 1])
     reg = l2_reg(F.embedding(users, base[0]), F.embedding(pos, base[1]), F.embedding(neg, base[1]))
     loss = loss_bpr + cfg.lambda_m * loss_modal + prompt_cfg.lambda_p * loss_prompt + cfg.weight_decay * reg
-    return loss, {"bpr": float(loss_bpr.detach()), "modal_bpr": float(loss_modal.detach()), "prompt_bpr": float(loss_prompt.detach())}
+    parts = {"bpr": float(loss_bpr.detach()), "modal_bpr": float(loss_modal.detach()),
+             "prompt_bpr": float(loss_prompt.detach())}
+    if out.views and cfg.lambda_cl > 0:
+        loss_cl = view_alignment(out.views, torch.unique(users), torch.unique(pos), cfg.cl_tau)
+        loss = loss + cfg.lambda_cl * loss_cl
+        parts["cl"] = float(loss_cl.detach())
+    return loss, parts
+
+
+def view_alignment(views: dict[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor,
+                   items: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE between each pair of views, on the batch's distinct users and positive items."""
+    names = list(views)
+    loss = views[names[0]][0].new_zeros(())
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            loss = loss + info_nce(views[a][0][users], views[b][0][users], tau)
+            loss = loss + info_nce(views[a][1][items], views[b][1][items], tau)
+    return loss
 
 
 def list_targets(teacher: SoftRanking, cfg: StudentConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -122,13 +141,14 @@ def list_targets(teacher: SoftRanking, cfg: StudentConfig) -> tuple[dict[str, to
 
 
 def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torch.Tensor],
-                 projector: torch.nn.Module, users: torch.Tensor, items: torch.Tensor,
+                 item_proj: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
                  cfg: StudentConfig, teacher: SoftRanking | None = None,
                  teacher_items: dict[str, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """BPR + L2 + lambda_pair L_pair + lambda_list L_list + lambda_emb L_emb (DESIGN 2).
 
-    With `teacher=None` this is plain LightGCN/MF BPR training (the no-KD baseline).
+    With `teacher=None` this is plain LightGCN/MF BPR training (the no-KD baseline). `item_proj`: the
+    item table projected to the teacher size (None: the sizes agree, items are used as they are).
     """
     logits = list_logits(user_emb, item_emb, users, items)
     loss_bpr = bpr_loss(logits[:, 0], logits[:, 1])
@@ -150,7 +170,7 @@ def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torc
         parts["list_kd"] = float(l_list.detach())
     if cfg.lambda_emb > 0 and teacher_items:
         batch_items = torch.unique(items[:, :2])
-        proj = projector(item_emb[batch_items])
+        proj = (item_emb if item_proj is None else item_proj)[batch_items]
         l_emb = embedding_kd({m: h[batch_items] for m, h in teacher_items.items()}, proj, alpha=cfg.emb_alpha)
         loss = loss + cfg.lambda_emb * l_emb
         parts["emb_kd"] = float(l_emb.detach())

@@ -17,6 +17,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.models.student import LightGCN
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
+from promptmm_dist.train.state import LoopState, Resumable
 from promptmm_dist.train.steps import SoftRanking, student_loss
 from promptmm_dist.train.teacher_loop import StageResult, steps_per_epoch
 from promptmm_dist.train.validation import Validator
@@ -46,12 +47,14 @@ def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagat
     ranking, teacher_items, has_teacher = kd.epoch(epoch)
     wait_s = time.perf_counter() - te
     student.train()
+    project = has_teacher and bool(teacher_items) and sc.lambda_emb > 0
     sums: dict[str, float] = {}
     for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
         part = ranking.slice(lo, hi)
-        user_emb, item_emb = module(graph)
+        outs = module(graph, project=project)
+        user_emb, item_emb = outs[0], outs[1]
         loss, parts = student_loss(
-            user_emb, item_emb, student.base_embeddings(), student.projector,
+            user_emb, item_emb, student.base_embeddings(), outs[2] if project else None,
             torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
             torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
             teacher=part if has_teacher else None, teacher_items=teacher_items)
@@ -66,19 +69,25 @@ def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagat
 def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: GraphPropagator,
                 kd: KDSource, total_pairs: int, world: World | None = None,
                 train_module: torch.nn.Module | None = None,
-                report: Callable[[dict, LightGCN | None], None] | None = None,
-                log: Callable[[str], None] = print, stage: str = "student") -> StageResult:
+                report: Callable[[dict, LoopState], None] | None = None,
+                log: Callable[[str], None] = print, stage: str = "student",
+                resume: LoopState | None = None, progress_dir: str | None = None,
+                kd_state: object | None = None) -> StageResult:
+    """`report(row, state)` runs after every epoch with the state to resume from (`resume`);
+    `kd_state` (default: `kd`) saves/loads the KD source's state (prompt, cache version)."""
     world = world or World()
     sc = cfg.student
     module = train_module or student
     opt = torch.optim.Adam(module.parameters(), lr=sc.lr)
     validator = Validator(data, world)
     stopper = EarlyStopper(patience=sc.patience, smooth_window=sc.smooth_window)
+    loop = Resumable(stage, student, {"opt": opt}, stopper, extra=kd if kd_state is None else kd_state,
+                     rank=world.rank, progress_dir=progress_dir, log=log)
+    start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, sc.batch_size)
-    best_state, history, t0 = None, [], time.perf_counter()
-    rounds: list[dict] = []
-    epoch = 0
-    for epoch in range(sc.epochs):
+    t0 = time.perf_counter()
+    for epoch in range(start, 0 if done else sc.epochs):
+        loop.begin_epoch(epoch)
         te = time.perf_counter()
         sums, wait_s = train_epoch(student, module, graph, kd, epoch, opt, sc, n_steps, world, stage)
         row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()},
@@ -92,10 +101,10 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
             if stopper.update(epoch, val):
                 best_state = copy.deepcopy(student.state_dict())
             row["best_epoch"] = stopper.best_epoch
+            done = stopper.should_stop(epoch)
         summary = kd.after_epoch(epoch, user_emb, item_emb)
         if summary is not None:
             summary = {**summary, "epoch": epoch, "val_recall@20_before": row.get("val", {}).get("recall@20")}
-            rounds.append(summary)
             row["prompt_round"] = summary
             if world.is_main and "round_loss" in summary:
                 log(f"prompt round after epoch {epoch}: loss {summary['round_loss']:.4f}, "
@@ -103,18 +112,20 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
         row["epoch_s"] = time.perf_counter() - te
         history.append(row)
         if world.is_main and "val" in row:
-            log(epoch_line(stage, row))
+            log(epoch_line(stage, row, sc.epochs))
         if report is not None:
-            report(row, student if stopper.best_epoch == epoch else None)
-        if "val" in row and stopper.should_stop(epoch):
+            report(row, loop.snapshot(epoch + 1, done, history, best_state))
+        if done:
             break
     # each prompt round's effect: validation recall@20 at the epoch after the round
     by_epoch = {r["epoch"]: r for r in history}
+    rounds = [r["prompt_round"] for r in history if r.get("prompt_round")]
     for r in rounds:
         nxt = by_epoch.get(r["epoch"] + 1, {}).get("val", {})
         r["val_recall@20_after"] = nxt.get("recall@20")
     if best_state is not None:
         student.load_state_dict(best_state)
     student.eval()
-    return StageResult(stopper.best_epoch, by_epoch[stopper.best_epoch]["val"] if stopper.best_epoch >= 0 else {},
-                       epoch + 1, time.perf_counter() - t0, history, best_state, rounds)
+    best_val = by_epoch.get(stopper.best_epoch, {}).get("val", {})
+    return StageResult(stopper.best_epoch, best_val, len(history), time.perf_counter() - t0, history, best_state,
+                       rounds)

@@ -20,15 +20,18 @@ from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import SampleBatch
 from promptmm_dist.models.prompt import PromptModule, cached_hard_tokens
+from promptmm_dist.errors import ConfigError
 from promptmm_dist.models.teacher import PromptMMTeacher
+from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
+from promptmm_dist.train.state import LoopState, Resumable
 from promptmm_dist.train.steps import teacher_loss
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
 
 EpochSamples = Callable[[int], SampleBatch]
-Report = Callable[[dict, "PromptMMTeacher | None"], None]
+Report = Callable[[dict, LoopState], None]
 
 
 def prepare_features(features: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
@@ -51,8 +54,10 @@ def build_teacher(data: InteractionData, cfg: Config, cache_folder=None) -> Prom
     tokens = cached_hard_tokens(data.features, cfg.teacher.embed_dim, cache_folder, data.manifest_sha256)
     prompt = PromptModule(tokens, data.train_csr, dropout=cfg.prompt.prompt_dropout)
     features = prepare_features(data.features, cfg.teacher.feature_norm)
-    return PromptMMTeacher(data.n_users, data.n_items, features, prompt, cfg.teacher, cfg.prompt,
-                           data.train_csr)
+    if cfg.teacher.backbone not in TEACHERS:
+        raise ConfigError(f"teacher.backbone {cfg.teacher.backbone!r}: unknown (known: {', '.join(TEACHERS)})")
+    backbone = TEACHERS[cfg.teacher.backbone]
+    return backbone(data.n_users, data.n_items, features, prompt, cfg.teacher, cfg.prompt, data.train_csr)
 
 
 @dataclass
@@ -79,8 +84,10 @@ def steps_per_epoch(total_pairs: int, batch_size: int) -> int:
 def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, graph: GraphPropagator,
                 epoch_samples: EpochSamples, total_pairs: int, world: World | None = None,
                 train_module: torch.nn.Module | None = None, report: Report | None = None,
-                log: Callable[[str], None] = print) -> StageResult:
-    """Train until patience runs out; returns the best validation state (teacher + prompt)."""
+                log: Callable[[str], None] = print, resume: LoopState | None = None,
+                progress_dir: str | None = None) -> StageResult:
+    """Train until patience runs out; returns the best validation state (teacher + prompt).
+    `report(row, state)` runs after every epoch with the state to resume from (`resume`)."""
     world = world or World()
     tc = cfg.teacher
     module = train_module or teacher  # DDP wrapper under Ray Train
@@ -91,10 +98,13 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
                             {"params": prompt_params, "lr": cfg.prompt.lr}])
     validator = Validator(data, world)
     stopper = EarlyStopper(patience=tc.patience)
+    loop = Resumable("teacher", teacher, {"opt": opt}, stopper, rank=world.rank,
+                     progress_dir=progress_dir, log=log)
+    start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, tc.batch_size)
-    best_state, history, t0 = None, [], time.perf_counter()
-    epoch = 0
-    for epoch in range(tc.epochs):
+    t0 = time.perf_counter()
+    for epoch in range(start, 0 if done else tc.epochs):
+        loop.begin_epoch(epoch)
         te = time.perf_counter()
         teacher.train()
         sums: dict[str, float] = {}
@@ -120,15 +130,15 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
                 best_state = copy.deepcopy(teacher.state_dict())
             row["best_epoch"] = stopper.best_epoch
             if world.is_main:
-                log(epoch_line("teacher", row))
-            if report is not None:
-                report(row, teacher if stopper.best_epoch == epoch else None)
-            if stopper.should_stop(epoch):
-                history.append(row)
-                break
+                log(epoch_line("teacher", row, tc.epochs))
+            done = stopper.should_stop(epoch)
         history.append(row)
+        if report is not None:
+            report(row, loop.snapshot(epoch + 1, done, history, best_state))
+        if done:
+            break
     if best_state is not None:
         teacher.load_state_dict(best_state)
     teacher.eval()
-    return StageResult(stopper.best_epoch, history[stopper.best_epoch]["val"] if stopper.best_epoch >= 0 else {},
-                       epoch + 1, time.perf_counter() - t0, history, best_state)
+    best_val = next((r["val"] for r in history if r["epoch"] == stopper.best_epoch and "val" in r), {})
+    return StageResult(stopper.best_epoch, best_val, len(history), time.perf_counter() - t0, history, best_state)

@@ -15,6 +15,7 @@ from promptmm_dist.data.sampling import SampleBatch
 from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.progress import worker_log
+from promptmm_dist.train.state import LoopState, latest_state
 from promptmm_dist.train.teacher_loop import build_teacher, fit_teacher
 from promptmm_dist.train.world import World
 
@@ -51,17 +52,19 @@ def teacher_train_loop(config: dict) -> None:
     shards = config["shards"]
     mine = rank_shards(len(shards), world.rank, world.world_size)
 
-    def files(folder: Path) -> None:
-        save_checkpoint(folder, "teacher", teacher.state_dict(), cfg,
+    def files(folder: Path, state: LoopState) -> None:
+        save_checkpoint(folder, "teacher", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
 
     from promptmm_dist.ray_setup import make_reporter
 
-    report = make_reporter(files, world.rank)
+    resume = latest_state(config.get("resume_from"))
+    report = make_reporter(files, world.rank, config.get("resume_mirror"), initial=resume)
     result = fit_teacher(data, cfg, teacher, graph,
-                lambda e: shard_epoch_samples(shards, mine, 1, cfg.seed, e),
-                config["total_pairs"], world=world, train_module=module,
-                report=report, log=worker_log)
-    # one last report carrying the selected (best validation) weights: Train keeps the latest
-    # checkpoint, and in local mode `result.checkpoint` is the last report's
-    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val}, teacher)
+                         lambda e: shard_epoch_samples(shards, mine, 1, cfg.seed, e),
+                         config["total_pairs"], world=world, train_module=module,
+                         report=report, log=worker_log, resume=resume,
+                         progress_dir=config.get("progress_dir"))
+    # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,
+    # whose teacher.pt holds the selected (best validation) weights
+    report({"epoch": result.best_epoch, "final": 1, "val": result.best_val})
