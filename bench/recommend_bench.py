@@ -1,9 +1,9 @@
 """Batch top-K for every Tiktok user: Ray Data with 1 and 2 scoring actors (`promptmm recommend --all`)
 against a single-process numpy loop over the same user blocks, and a check that the tables are identical.
 
-- numpy_loop : serve_rank.numpy_loop in this process (1 BLAS thread), compute only
+- numpy_loop : serve.rank.numpy_loop in this process (1 BLAS thread), compute only
 - numpy+write: the same, plus writing the rows as one Parquet file
-- ray_data_W : serve_batch.recommend_all with W actors (1 CPU, 1 BLAS thread each), end to end: object
+- ray_data_W : serve.batch.recommend_all with W actors (1 CPU, 1 BLAS thread each), end to end: object
                store puts, actor start-up, scoring, rows back to the driver, one Parquet file per block,
                atomic rename. One untimed warm-up run first (Ray's worker processes start once).
 
@@ -34,12 +34,12 @@ import scipy.sparse as sp  # noqa: E402
 
 from common import emit, markdown_table, require_real  # noqa: E402
 from promptmm_dist.data.formats import load_dataset  # noqa: E402
-from promptmm_dist.serve_batch import recommend_all  # noqa: E402
-from promptmm_dist.serve_export import check_matches, load_export  # noqa: E402
-from promptmm_dist.serve_rank import COLUMNS, default_block_size, exclusion_csr, numpy_loop  # noqa: E402
+from promptmm_dist.serve.batch import recommend_all  # noqa: E402
+from promptmm_dist.serve.export import check_matches, load_export  # noqa: E402
+from promptmm_dist.serve.rank import COLUMNS, default_block_size, exclusion_csr, numpy_loop  # noqa: E402
 
 
-def trained_as(export) -> str:  # noqa: ANN001 (serve_export.Export)
+def trained_as(export) -> str:  # noqa: ANN001 (serve.export.Export)
     """'teacher N + student M epochs' from the run's config.yaml, to say which model was scored."""
     import yaml
 

@@ -26,7 +26,7 @@ from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.eval.metrics import add_sums, finalize
 from promptmm_dist.models.student import LightGCN
 from promptmm_dist.paths import hard_token_dir
-from promptmm_dist.run_io import load_state, write_history, write_json
+from promptmm_dist.run_io import load_state, write_json
 from promptmm_dist import ray_setup
 from promptmm_dist.run_resume import (StageRun, latest_resume, load_prompt, ray_loop_config, ray_storage,
                                       save_prompt, stage_fingerprint)

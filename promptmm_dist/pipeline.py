@@ -22,7 +22,6 @@ from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.local_kd import InProcessTeacherKD, NoKD, epoch_seed
-from promptmm_dist.errors import ConfigError, DataError
 from promptmm_dist.eval.evaluate import EvalData, embedding_scorer, evaluate_splits
 from promptmm_dist.models.student import MODELS, LightGCN
 from promptmm_dist.models.teacher import PromptMMTeacher

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from promptmm_dist.cli import main
-from promptmm_dist.serve_batch import recommend_all
+from promptmm_dist.serve.batch import recommend_all
 
 K = 10
 

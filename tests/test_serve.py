@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from promptmm_dist.cli import main
-from promptmm_dist.serve import recommend
+from promptmm_dist.serve.command import recommend
 
 
 @pytest.fixture(scope="module")

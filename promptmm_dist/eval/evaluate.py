@@ -282,9 +282,10 @@ def resolve_scorer(model: str, data: InteractionData, args: argparse.Namespace) 
     """The score function for `--model` (a registry name; run folders/exports come later)."""
     factory = SCORERS.get(model)
     if factory is None and Path(model).exists():
-        from promptmm_dist.serve import load_export
+        from promptmm_dist.serve.export import load_export
 
-        user, item = load_export(model)
+        export = load_export(model)
+        user, item = export.user, export.item
         if user.shape[0] != data.n_users or item.shape[0] != data.n_items:
             raise DataError(model, None, f"export has {user.shape[0]} users x {item.shape[0]} items, "
                                          f"the data {data.n_users} x {data.n_items}")
@@ -314,7 +315,7 @@ def data_source(model: str, args: argparse.Namespace) -> tuple[str, str]:
     if model in SCORERS:
         return "synthetic", fmt
     from promptmm_dist.data.formats import is_synthetic
-    from promptmm_dist.serve_export import load_export, run_data_source
+    from promptmm_dist.serve.export import load_export, run_data_source
 
     path, run_format, cfg_file = run_data_source(load_export(model))
     if not is_synthetic(path) and not Path(path).exists():

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from promptmm_dist.errors import DataError
-from promptmm_dist.serve_rank import COLUMNS, score_block, user_blocks
+from promptmm_dist.serve.rank import COLUMNS, score_block, user_blocks
 
 SUMMARY_FILE = "_recommend.json"  # '_' prefix: Parquet readers skip it when reading the folder
 

@@ -1,6 +1,6 @@
 """`promptmm recommend`: top-K items from an exported student (two embedding tables), the only thing
 serving needs. `--users 1,2,3` prints them for a few users in this process; `--all --out DIR` scores
-every user with Ray Data (promptmm_dist.serve_batch) into a Parquet folder.
+every user with Ray Data (promptmm_dist.serve.batch) into a Parquet folder.
 
 Recommendations never include a user's training items: they are masked with `--data`, or by default
 with the dataset the run was trained on (its config.yaml), after checking the model belongs to it."""
@@ -14,15 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from promptmm_dist.errors import ConfigError, DataError
-from promptmm_dist.serve_export import Export, check_matches, run_data_source
-from promptmm_dist.serve_export import load_export as _load_export
-from promptmm_dist.serve_rank import default_block_size, exclusion_csr, top_k
-
-
-def load_export(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """user/item tables from `export.npz` (a run folder, its student/ folder, or the file itself)."""
-    export = _load_export(path)
-    return export.user, export.item
+from promptmm_dist.serve.export import Export, check_matches, run_data_source
+from promptmm_dist.serve.export import load_export
+from promptmm_dist.serve.rank import default_block_size, exclusion_csr, top_k
 
 
 def recommend(user_emb: np.ndarray, item_emb: np.ndarray, users: list[int], k: int,
@@ -82,7 +76,7 @@ def recommend_command(args: argparse.Namespace) -> int:
     _check_args(args)
     if args.all and Path(args.out).exists() and not args.force:
         raise DataError(args.out, None, "already exists (pass --force to replace it)")
-    export = _load_export(args.model)
+    export = load_export(args.model)
     if not args.all:
         users = _parse_users(args.users, len(export.user))
     data = _dataset_for(export, args)
@@ -104,7 +98,7 @@ def _recommend_all(export: Export, exclude, args: argparse.Namespace) -> int:  #
 
     from promptmm_dist.config import DistConfig
     from promptmm_dist.ray_setup import init_ray
-    from promptmm_dist.serve_batch import log, recommend_all
+    from promptmm_dist.serve.batch import log, recommend_all
 
     started = not ray.is_initialized()
     init_ray(DistConfig(address=args.address))
