@@ -15,6 +15,19 @@ def tiny_data(seed: int = 0, modalities: dict[str, int] | None = None):
     return generate_synthetic(300, 150, 4000, modalities or {"image": 16, "text": 8}, seed=seed)
 
 
+# `--set` flags of a tiny CLI run (2 epochs per stage, 16-d), for tests that go through `promptmm run`
+TINY_CLI = ["--set", "teacher.epochs=2", "--set", "student.epochs=2", "--set", "teacher.embed_dim=16",
+            "--set", "student.embed_dim=16", "--set", "teacher.batch_size=1024", "--set", "student.batch_size=1024",
+            "--set", "student.neg_sample_num=4"]
+
+
+def tiny_canonical(folder: Path) -> Path:
+    """`tiny_data()` written in the canonical layout at `folder` (a dataset a CLI run can read)."""
+    from promptmm_dist.data.prepare import ensure_canonical
+
+    return ensure_canonical(tiny_data(), folder)
+
+
 def tiny_config(**student) -> Config:
     cfg = Config()
     cfg.teacher.embed_dim = 16

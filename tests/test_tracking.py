@@ -14,20 +14,16 @@ import pytest
 import yaml
 
 from promptmm_dist.cli import main
+from tests.helpers import TINY_CLI, tiny_canonical
 
 pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install -e '.[dev]')")
 
-TINY = ["--set", "teacher.epochs=2", "--set", "student.epochs=2", "--set", "teacher.embed_dim=16",
-        "--set", "student.embed_dim=16", "--set", "teacher.batch_size=1024", "--set", "student.batch_size=1024",
-        "--set", "student.neg_sample_num=4"]
+TINY = TINY_CLI
 
 
 @pytest.fixture(scope="module")
 def data_folder(tmp_path_factory) -> Path:
-    from promptmm_dist.data.prepare import ensure_canonical
-    from tests.helpers import tiny_data
-
-    return ensure_canonical(tiny_data(), tmp_path_factory.mktemp("tracking") / "data")
+    return tiny_canonical(tmp_path_factory.mktemp("tracking") / "data")
 
 
 def _client(store: Path):
