@@ -25,7 +25,7 @@ def main() -> None:
     rows = []
     for workers in (1, 2):
         out = Path(args.out) / f"workers{workers}"
-        cmd = [sys.executable, "-m", "promptmm_dist", "run", "--data", data, "--out", str(out),
+        cmd = [sys.executable, "-m", "promptmm_dist", "run", "--data", data, "--recipe", "tiktok", "--out", str(out),
                "--num-workers", str(workers), "--num-shards", "2", "--json"]
         for s in args.set:
             cmd += ["--set", s]

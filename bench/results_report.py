@@ -4,10 +4,11 @@ epoch for the baselines, the teacher, the PromptMM student and its ablations, un
     python bench/results_report.py --dataset tiktok --seeds 3 --jobs 2
     python bench/results_report.py --dataset lastfm2k --seeds 3 --rows lightgcn,teacher,student
 
-Each row runs the local (in-process) pipeline with the dataset's YAML defaults plus the row's
-overrides. The teacher is trained once (seed 0) and shared by every student row. A row whose folder
-under --out already holds a finished run with the same config is read back, not retrained, so an
-interrupted report resumes (and rows can be run in separate invocations).
+Each row runs the local (in-process) pipeline with the dataset's recipe (`--recipe`, by default the
+packaged one named like --dataset) plus the row's overrides. The teacher is trained once (seed 0)
+and shared by every student row. A row whose folder under --out already holds a finished run with
+the same config is read back, not retrained, so an interrupted report resumes (and rows can be run
+in separate invocations).
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/report")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained in parallel (1 torch thread each)")
     ap.add_argument("--set", action="append", default=[], help="config override for every row")
+    ap.add_argument("--recipe", default=None, help="recipe for every row (default: the packaged one named "
+                                                   "like --dataset; 'none' for the plain defaults)")
     ap.add_argument("--teacher", default=None, help="reuse this trained teacher run folder (its config must "
-                                                    "match the dataset YAML) instead of training one")
+                                                    "match the recipe) instead of training one")
     args = ap.parse_args()
     data_path = str(require_real(args.dataset))
     out = Path(args.out) / args.dataset
     names = args.rows.split(",")
+    extra = (f"data.recipe={args.recipe or args.dataset}", *args.set)  # the recipe is chosen explicitly
     t0 = time.perf_counter()
     results: list[dict] = []
     teacher_dir = args.teacher or str(out / "teacher_seed0")
@@ -165,12 +169,12 @@ def main() -> None:
     if args.teacher:
         results.append(teacher_row(Path(args.teacher)))
     elif "teacher" in names or any(ROWS.get(n, ("",))[0] == "student" for n in names):
-        results.append(run_row("teacher", data_path, 0, str(out), None, 2, tuple(args.set)))
+        results.append(run_row("teacher", data_path, 0, str(out), None, 2, extra))
     if results:
         print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
     jobs = [(n, s) for n in names if n != "teacher" for s in (range(args.seeds) if n in HEADLINE else [0])]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads, tuple(args.set)) for n, s in jobs]
+        futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads, extra) for n, s in jobs]
         for f in futures:
             results.append(f.result())
             r = results[-1]

@@ -9,8 +9,12 @@
 
 Each node is a separate `ray start` (its own raylet, object store and dashboard agent) with its own CPUs
 and a custom resource `node_<k>` (head = node_0), so placement across nodes can be tested on one box.
-The head gets a private temp dir (`--temp-dir`); worker nodes are started without one and therefore use
-the head's temp dir and session dir (Ray 2.60: a node without --temp-dir inherits the head's).
+Every node gets its own temp dir (`--temp-dir TEMP_ROOT/n<k>`, per node since Ray 2.51), hence its own
+session dir: its own logs, sockets and runtime_resources. A worker node started without one would use
+the head's session dir, and then both nodes' runtime-env agents unpack a job's working dir into the
+same `runtime_resources/working_dir_files/_ray_pkg_*` folder: the worker node's agent re-creates it
+while the driver runs from it (first submits failed with ModuleNotFoundError or FileNotFoundError at
+os.getcwd()).
 
 Stopping never uses `ray stop` (that kills every Ray process of the machine, including other people's
 clusters). Every process of this cluster (GCS, raylets, dashboard, agents, workers, job drivers) inherits
@@ -67,6 +71,11 @@ def ray_executable() -> str:
     if not found:
         raise SystemExit("local_cluster: the `ray` command was not found (pip install 'ray[default]')")
     return found
+
+
+def node_temp_dir(temp_root: Path, k: int) -> Path:
+    """Node k's Ray temp dir (its session dir, logs and unpacked runtime envs live below it)."""
+    return temp_root / f"n{k}"
 
 
 def free_port() -> int:
@@ -195,6 +204,7 @@ def start(args) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     # Unix socket paths must stay under ~107 bytes: keep the Ray temp root short
     temp_root = Path(tempfile.mkdtemp(prefix="pmmray-", dir="/tmp"))
+    os.chmod(temp_root, 0o700)
     ray = ray_executable()
     cluster_id = secrets.token_hex(8)
     gcs_port = args.port or free_port()
@@ -230,9 +240,11 @@ def start(args) -> int:
                    "--num-cpus", str(args.head_cpus if head else args.worker_cpus),
                    "--num-gpus", "0",
                    "--resources", json.dumps({f"node_{k}": 1}),
-                   "--dashboard-agent-listen-port", str(free_port())]
+                   "--dashboard-agent-listen-port", str(free_port()),
+                   # each node its own session dir (see the module docstring)
+                   "--temp-dir", str(node_temp_dir(temp_root, k))]
             if head:
-                cmd += ["--head", "--port", str(gcs_port), "--temp-dir", str(temp_root),
+                cmd += ["--head", "--port", str(gcs_port),
                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(dash_port), "--ray-client-server-port", str(free_port())]
             else:
@@ -240,7 +252,8 @@ def start(args) -> int:
             log = state_dir / f"ray-start-node{k}.log"
             rc, sid = _ray_start(cmd, env, log, args.timeout)
             state["sids"].append(sid)
-            state["nodes"].append({"node": k, "head": head, "log": str(log)})
+            state["nodes"].append({"node": k, "head": head, "log": str(log),
+                                   "temp_dir": str(node_temp_dir(temp_root, k))})
             save()
             if rc != 0:
                 print(log.read_text()[-3000:], file=sys.stderr)
@@ -273,7 +286,7 @@ def start(args) -> int:
         print(f"  state dir        : {state_dir}")
         print(f"  client env       : eval \"$(python {sys.argv[0]} env --state-dir {state_dir})\"")
         print(f"  submit           : ray job submit --address {state['dashboard_url']} "
-              "--working-dir . -- python jobs/pipeline.py ...")
+              f"--working-dir . -- python jobs/pipeline.py --num-workers {max(args.workers, 1)} ...")
         print(f"  stop             : python {sys.argv[0]} stop --state-dir {state_dir}")
     return 0
 
@@ -349,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("start", help="start a head and N worker nodes")
-    s.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
+    s.add_argument("--workers", type=int, default=2, help="worker nodes besides the head (default 2)")
     s.add_argument("--head-cpus", type=int, default=1)
-    s.add_argument("--worker-cpus", type=int, default=1)
+    s.add_argument("--worker-cpus", type=int, default=2)
     s.add_argument("--object-store-mb", type=int, default=512, help="per node (0 = Ray's default)")
     s.add_argument("--port", type=int, default=0, help="GCS port (default: a free one)")
     s.add_argument("--dashboard-port", type=int, default=0, help="Jobs API port (default: a free one)")

@@ -14,6 +14,9 @@ paths that the node running the job can reach (absolute paths on a shared filesy
 All arguments are those of `promptmm run` (`promptmm run --help`). Under the job supervisor RAY_ADDRESS
 names the cluster's GCS; it is passed on as --address (unless given) so the run joins this cluster instead
 of starting a local Ray. Run directly (`python jobs/pipeline.py ...`) without RAY_ADDRESS it runs locally.
+On real data pass the recipe explicitly (`--recipe tiktok`, or a YAML file the job's node can read) unless
+the data was prepared with one (`promptmm prepare SRC OUT --recipe tiktok`); it is never taken from the
+folder's name.
 
 Tracking: `--mlflow URI` logs the run to MLflow (needs the `mlflow` extra on the cluster's image); a job
 whose environment sets MLFLOW_TRACKING_URI (e.g. `--runtime-env-json '{"env_vars": {"MLFLOW_TRACKING_URI":

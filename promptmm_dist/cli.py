@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import warnings
 from typing import Callable, Sequence
@@ -27,6 +28,11 @@ HANDLERS: dict[str, str] = {
 }
 
 
+RECIPE_HELP = ("dataset recipe over the defaults: a packaged one (tiktok, lastfm2k, synthetic), a YAML file, "
+               "or 'none'. Default: the dataset manifest's `recipe` (promptmm prepare --recipe), 'synthetic' "
+               "for --data synthetic, else none. Never chosen from the folder's name")
+
+
 def _add_data_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synthetic",
                    help="dataset folder (PromptMM json, MMRec .inter or prepared) or 'synthetic' (default)")
@@ -37,7 +43,8 @@ def _add_data_arg(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser, out_default: str) -> None:
     _add_data_arg(p)
     p.add_argument("--out", default=out_default, help="output folder (config, metrics, checkpoints)")
-    p.add_argument("--config", default=None, help="YAML config file (over the dataset's defaults)")
+    p.add_argument("--recipe", default=None, metavar="NAME_OR_PATH", help=RECIPE_HELP)
+    p.add_argument("--config", default=None, help="YAML config file (over the defaults and the recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set student.tau=4 (repeatable)")
     p.add_argument("--seed", type=int, default=None,
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("out", help="folder to write atomically (validated canonical layout); see --force")
     prep.add_argument("--format", default="auto", choices=["auto", "promptmm", "mmrec", "canonical"])
     prep.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    prep.add_argument("--recipe", default=None, metavar="NAME",
+                      help="packaged recipe written into OUT's manifest.json, used by every run on OUT unless "
+                           "--recipe overrides it (default: the source manifest's, if any; 'none' drops it)")
 
     ev = sub.add_parser("evaluate", help="full-ranking evaluation of a model or baseline")
     ev.add_argument("--data", default=None,
@@ -167,11 +177,24 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = fmt
 
 
+def _recipe_into_overrides(args: argparse.Namespace) -> None:
+    """`--recipe X` of a training command is `--set data.recipe=X` given last (so it beats a --set or
+    --config recipe, and the manifest's): every path that builds a config from `args.set` (run, tune,
+    jobs/*.py) applies it. Checked here so a bad name fails first, with the option's name."""
+    recipe = getattr(args, "recipe", None)
+    if recipe is None or args.command == "prepare" or not isinstance(getattr(args, "set", None), list):
+        return
+    from promptmm_dist.config import check_recipe
+
+    args.set.append(f"data.recipe={json.dumps(check_recipe(recipe))}")  # JSON string = quoted YAML scalar
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _one_line_warnings()
     key = f"data {args.data_command}" if args.command == "data" else args.command
     try:
+        _recipe_into_overrides(args)
         return int(_handler(key)(args) or 0)
     except (DataError, ConfigError) as err:
         print(f"promptmm: error: {err}", file=sys.stderr)

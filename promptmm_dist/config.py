@@ -1,6 +1,9 @@
 """Dataclass configs: *what* to train (data, teacher, student, prompt, KD) kept apart from *how* it is
-distributed (DistConfig). Defaults are documented here; per-dataset YAML files under
-`promptmm_dist/configs/` override them, and `--set section.key=value` overrides those.
+distributed (DistConfig). Defaults are documented here and work on any dataset. A dataset-specific
+recipe (a packaged YAML under `promptmm_dist/configs/` or the user's own YAML file) is applied only when
+asked for: `--recipe NAME_OR_PATH`, a `data.recipe` key in --config/--set, or the `recipe` key of a
+prepared dataset's manifest.json; never because of a folder's name (DESIGN 4). Then the --config file
+and `--set section.key=value` overrides apply over it.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class DataConfig:
     path: str = "synthetic"  # a dataset folder (any supported layout) or "synthetic"
     format: str = "auto"
     modalities: list[str] | None = None  # None = every modality found
+    # the recipe applied (a packaged name or a YAML file's absolute path; "none" = explicitly none, None =
+    # none asked for); set by load_config, so config.yaml records where the non-default values came from
+    recipe: str | None = None
 
 
 @dataclass
@@ -113,6 +119,8 @@ class DistConfig:
     # rank's fetch of an epoch, a teacher or shard call); when hit, the run fails with one line naming
     # what was waited for. Waits on training itself (the producer waiting for ranks to finish an epoch)
     # are not bounded by it: Ray Train's own failure handling ends those
+    exchange: str = "needed"  # per-hop row exchange of partitioned propagation: "needed" (only the rows a
+    # rank's adjacency rows read) or "all" (every row: the all-gather cost model, for comparison)
 
 
 @dataclass
@@ -200,6 +208,7 @@ RULES: dict[str, Rule] = {
     "student.smooth_window": AT_LEAST_ONE,
     "dist.num_workers": NON_NEGATIVE, "dist.num_shards": AT_LEAST_ONE, "dist.num_teacher_workers": AT_LEAST_ONE,
     "dist.cpus_per_worker": POSITIVE, "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
+    "dist.exchange": Rule(choices=("needed", "all")),
 }
 
 
@@ -283,11 +292,74 @@ def parse_override(item: str) -> dict[str, Any]:
     return tree
 
 
-def dataset_defaults_path(data_path: str) -> Path | None:
-    """The per-dataset YAML shipped with the package, chosen by the dataset folder's name."""
-    name = "synthetic" if data_path == "synthetic" else Path(data_path).name.lower()
-    candidate = CONFIG_DIR / f"{name}.yaml"
-    return candidate if candidate.exists() else None
+RECIPE_NONE = "none"  # `--recipe none`: plain defaults, even where the dataset's manifest names a recipe
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped in `promptmm_dist/configs/` (tiktok, lastfm2k, synthetic)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _is_recipe_path(recipe: str) -> bool:
+    return recipe.endswith((".yaml", ".yml")) or "/" in recipe or "\\" in recipe
+
+
+def check_recipe(recipe: str, source: str = "--recipe", names_only: bool = False) -> str:
+    """The canonical form of a recipe request: a packaged name as is, a YAML file as its absolute path,
+    "none" as is. Raises a one-line ConfigError naming `source` on an unknown name or a missing file."""
+    if not isinstance(recipe, str) or not recipe:
+        raise ConfigError(f"{source}: recipe must be a name or a YAML file path, got {recipe!r}")
+    known = packaged_recipes()
+    if recipe == RECIPE_NONE or recipe in known:
+        return recipe
+    if not names_only and _is_recipe_path(recipe):
+        path = Path(recipe).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{source}: recipe file {recipe} not found")
+        return str(path.resolve())
+    what = "" if names_only else ", none or a path to a YAML file"
+    raise ConfigError(f"{source}: unknown recipe {recipe!r} (known: {', '.join(known)}{what})")
+
+
+def recipe_values(recipe: str, source: str = "--recipe") -> tuple[str, dict[str, Any]]:
+    """(recorded name, config layer) of a recipe request; `{}` for "none"."""
+    name = check_recipe(recipe, source)
+    if name == RECIPE_NONE:
+        return name, {}
+    path = CONFIG_DIR / f"{name}.yaml" if name in packaged_recipes() else Path(name)
+    try:
+        layer = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_line(path, e)) from None
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{path}: a recipe must hold a mapping at the top level")
+    if "recipe" in (layer.get("data") or {}):
+        raise ConfigError(f"{path}: a recipe must not set data.recipe")
+    return name, layer
+
+
+def _requested_recipe(layers: list[dict[str, Any]]) -> str | None:
+    """The last non-null `data.recipe` among the layers (--set beats the config file)."""
+    for layer in reversed(layers):
+        data = layer.get("data")
+        if isinstance(data, dict) and data.get("recipe") is not None:
+            return data["recipe"]
+    return None
+
+
+def _layer_data_path(layers: list[dict[str, Any]]) -> str | None:
+    for layer in reversed(layers):
+        data = layer.get("data")
+        if isinstance(data, dict) and data.get("path") is not None:
+            return str(data["path"])
+    return None
+
+
+def _manifest_recipe(data_path: str) -> tuple[str | None, str]:
+    """(recipe, where) asked for by a prepared dataset's manifest.json; (None, "") when there is none."""
+    from promptmm_dist.data.formats import manifest_recipe  # data sits above config: import late
+
+    return manifest_recipe(data_path)
 
 
 def load_config(
@@ -295,15 +367,17 @@ def load_config(
     overrides: list[str] | None = None,
     data_path: str | None = None,
     base: dict[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> Config:
-    """Defaults <- dataset YAML <- config file <- base dict <- --set overrides."""
+    """Defaults <- recipe <- config file <- base dict <- --set overrides.
+
+    The recipe is the first of: `recipe` (--recipe), the last `data.recipe` in --set / base / the config
+    file, the dataset manifest's `recipe`, and "synthetic" for the embedded synthetic dataset (the
+    package's own data). `cfg.data.recipe` records the one applied."""
     cfg = Config()
     if data_path is not None:
         cfg.data.path = data_path
     layers: list[dict[str, Any]] = []
-    ds_yaml = dataset_defaults_path(cfg.data.path)
-    if ds_yaml is not None:
-        layers.append(yaml.safe_load(ds_yaml.read_text()) or {})
     if config_file is not None:
         p = Path(config_file)
         if not p.exists():
@@ -319,9 +393,25 @@ def load_config(
     for layer in layers:
         if not isinstance(layer, dict):
             raise ConfigError("a config file must hold a mapping at the top level")
+    path = data_path if data_path is not None else (_layer_data_path(layers) or cfg.data.path)
+    source = "--recipe"
+    if recipe is None:
+        recipe, source = _requested_recipe(layers), "config key 'data.recipe'"
+    if recipe is None:
+        recipe, source = _manifest_recipe(path)
+        if recipe is not None:
+            check_recipe(recipe, source, names_only=True)  # a manifest travels: a name, never a path
+    if recipe is None and path == "synthetic":
+        recipe, source = "synthetic", "synthetic"
+    applied: str | None = None
+    if recipe is not None:
+        applied, values = recipe_values(recipe, source)
+        layers.insert(0, values)
+    for layer in layers:
         _apply(cfg, layer)
     if data_path is not None:
         cfg.data.path = data_path
+    cfg.data.recipe = applied
     return validate(cfg)
 
 

@@ -19,12 +19,13 @@ import torch
 from promptmm_dist.actor_calls import bounded_get
 from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.graph import GraphPropagator, normalized_adjacency
+from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.shards import ShardState
 from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.eval.metrics import add_sums, finalize
 from promptmm_dist.models.student import LightGCN
+from promptmm_dist.partition.setup import dataset_spec
 from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, write_json
 from promptmm_dist import ray_setup
@@ -37,23 +38,15 @@ def log(msg: str) -> None:
 
 
 def canonical_parquet(data: InteractionData, cfg: Config, out: Path) -> Path:
-    """The shards read the canonical Parquet; write one for non-canonical sources."""
-    src = Path(cfg.data.path)
-    if cfg.data.path != "synthetic" and (src / "interactions.parquet").exists():
-        return src / "interactions.parquet"
-    from promptmm_dist.data.prepare import ensure_canonical
-
-    folder = out / "data"
-    if not (folder / "interactions.parquet").exists():
-        ensure_canonical(data, folder)
-    return folder / "interactions.parquet"
+    """The Parquet the shard actors read (the canonical folder's; see partition.setup)."""
+    return Path(dataset_spec(data, cfg.data.path, out)["dir"]) / "interactions.parquet"
 
 
 class DistributedRun:
     """Holds the Ray handles of one run; stages are methods so `run` and `tune` can reuse them."""
 
     def __init__(self, data: InteractionData, cfg: Config, out: Path, shared: dict | None = None) -> None:
-        """`shared` (used by `tune`): {"shards", "data_ref", "adj_refs"} made once by the sweep driver;
+        """`shared` (used by `tune`): {"shards", "data_ref", "dataset"} made once by the sweep driver;
         the run then creates none of them and `close()` leaves the shards alone."""
         import ray
 
@@ -61,9 +54,11 @@ class DistributedRun:
         self.data, self.cfg, self.out = data, cfg, out
         t0 = time.perf_counter()
         self._owns_shards = shared is None
+        # the ranks and shards read the canonical files themselves; the driver passes paths and sizes
+        self.dataset = dataset_spec(data, cfg.data.path, out) if shared is None else dict(shared["dataset"])
         if shared is None:
             ray_setup.shards_cover_workers(cfg.dist, log)
-            parquet = canonical_parquet(data, cfg, out)
+            parquet = Path(self.dataset["dir"]) / "interactions.parquet"
             shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS, **ray_setup.actor_options(cfg.dist))(ShardState)
             self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
                            for k in range(cfg.dist.num_shards)]
@@ -72,21 +67,16 @@ class DistributedRun:
         self.shard_info = bounded_get([s.info.remote() for s in self.shards], "the shard actors (loading)",
                                       cfg.dist.actor_timeout_s)
         self.total_pairs = sum(i["train_pairs"] for i in self.shard_info)
-        # shared once, read zero-copy by every worker
-        if shared is None:
-            self.data_ref = ray.put(data)
-            self.adj_refs = {norm: ray.put(normalized_adjacency(data.train_csr, norm))
-                             for norm in {cfg.teacher.norm, cfg.student.norm}}
-        else:
-            self.data_ref, self.adj_refs = shared["data_ref"], dict(shared["adj_refs"])
+        # the TeacherWorkers still build the whole teacher from the whole dataset (issue 10 splits them)
+        self.data_ref = ray.put(data) if shared is None else shared["data_ref"]
         aux = ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers
         self.cpus = ray_setup.cpus_per_worker(cfg.dist, aux)
         self.timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
         log(f"ray: {len(self.shards)} shards ({', '.join(str(i['train_pairs']) for i in self.shard_info)} "
             f"train pairs), {cfg.dist.num_workers} train workers x {self.cpus} CPU")
 
-    def _loop_config(self, norm: str) -> dict:
-        return {"cfg": self.cfg.to_dict(), "data_ref": self.data_ref, "adj_ref": self.adj_refs[norm],
+    def _loop_config(self) -> dict:
+        return {"cfg": self.cfg.to_dict(), "dataset": self.dataset,
                 "total_pairs": self.total_pairs, "threads": ray_setup.torch_threads(self.cpus),
                 "token_cache": str(hard_token_dir()), "num_shards": len(self.shards)}
 
@@ -111,7 +101,7 @@ class DistributedRun:
         if stage.finished:  # a rerun into the same --out: same inputs, so the same teacher
             log(f"teacher: reusing the finished stage in {folder}")
             return folder, stage.meta()
-        config = {**self._loop_config(self.cfg.teacher.norm), "shards": self.shards,
+        config = {**self._loop_config(), "shards": self.shards,
                   **ray_loop_config(stage, latest_resume(stage)[1])}
         result = self._fit(teacher_train_loop, "teacher", config)
         _take_checkpoint(result, folder)
@@ -183,7 +173,7 @@ class DistributedRun:
                                  timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
                                  on_round=lambda p: save_prompt(stage.folder, p)).start()
         self.cache = cache  # fault-injection benchmarks read its stats
-        config = {**self._loop_config(cfg.student.norm), "directory": directory,
+        config = {**self._loop_config(), "directory": directory,
                   **ray_loop_config(stage, resume_path)}
         if cfg.student.init_from_teacher:
             config["init_ref"] = ray.put(bounded_get(workers[0].final_embeddings.remote(),
@@ -218,6 +208,7 @@ class DistributedRun:
                 "prompt_rounds": rounds,
                 "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
                           "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
+                          "bytes_per_pair": st.bytes_per_pair(),
                           "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
                           "recomputed": st.recomputed,
                           "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},

@@ -77,18 +77,98 @@ def shards_cover_workers(dist: DistConfig, log: Callable[[str], None]) -> None:
         dist.num_shards = dist.num_workers
 
 
-def cpus_per_worker(dist: DistConfig, n_aux_cpus: float) -> float:
-    """CPUs per Train worker so workers + shard/teacher actors fit the cluster (never deadlock)."""
+MIN_WORKER_CPUS = 0.1  # the floor of a Train worker's share on an over-full cluster (it still starts)
+# Ray's hybrid scheduling keeps a small actor on the caller's node while that node is under half used:
+# the shard and teacher actors land on the driver's node when it has at least this many times their CPUs
+LOCAL_AUX_FACTOR = 2.0
+
+
+def requested_cpus(dist: DistConfig) -> float | None:
+    """`dist.cpus_per_worker` when the user set one; None (unset or 0) means "what the nodes offer"."""
+    value = dist.cpus_per_worker
+    return float(value) if value is not None and value > 0 else None
+
+
+def _floor(x: float, step: float = 0.01) -> float:
+    """Round down (never up: a share rounded up may no longer fit its node), to Ray-friendly steps."""
+    return math.floor(x / step + 1e-6) * step
+
+
+def auto_cpus_per_worker(node_cpus: list[float], workers: int, aux_cpus: float,
+                         driver_node: int | None = None, available: float | None = None) -> float:
+    """The largest per-worker share x such that `workers` bundles of x CPUs fit the nodes (each node
+    holds floor(cpus / x) of them): what a node offers divided by the ranks Ray places there.
+
+    The shard/teacher actors (`aux_cpus` in all) are taken from the driver's node when it can hold
+    them (Ray keeps small actors local), else from every node (they may land anywhere). `available`:
+    the cluster's currently free CPUs, an upper bound on workers * x + aux (other jobs' holdings).
+    Pure arithmetic, so the placement rule is unit-tested without a cluster."""
+    workers = max(workers, 1)
+    usable = [max(float(c), 0.0) for c in node_cpus]
+    if driver_node is not None and usable[driver_node] >= LOCAL_AUX_FACTOR * aux_cpus:
+        usable[driver_node] -= aux_cpus
+    else:
+        usable = [max(c - aux_cpus, 0.0) for c in usable]
+    fits = lambda x: sum(int(c / x + 1e-9) for c in usable) >= workers  # noqa: E731
+    candidates = sorted({_floor(c / m) for c in usable for m in range(1, workers + 1) if c > 0}, reverse=True)
+    best = next((x for x in candidates if x > 0 and fits(x)), None)
+    if best is None:  # the nodes cannot hold the workers whole: share what there is (as before)
+        best = max(sum(usable), MIN_WORKER_CPUS * workers) / workers
+    if available is not None:
+        best = min(best, max(available - aux_cpus, MIN_WORKER_CPUS * workers) / workers)
+    return round(max(_floor(best), MIN_WORKER_CPUS), 3)
+
+
+def cluster_cpu_view() -> tuple[list[float], int | None, float]:
+    """(CPUs of every alive node, index of the driver's node in that list or None, free CPUs now)."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1.0))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    me = ray.get_runtime_context().get_node_id()
+    driver = next((k for k, n in enumerate(nodes) if n.get("NodeID") == me), None)
+    available = float(ray.available_resources().get("CPU", 0.0))
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in nodes], driver, available
+
+
+def cpus_per_worker(dist: DistConfig, n_aux_cpus: float) -> float:
+    """CPUs per Train worker so workers + shard/teacher actors fit the cluster (never deadlock).
+
+    Unset (`dist.cpus_per_worker` None or 0): each worker gets what its node offers divided by the
+    ranks placed there (`auto_cpus_per_worker`); with `num_workers` 0 the loop runs in the driver and
+    gets the driver node's CPUs. Set: that value, lowered to the cluster's fair share if needed."""
+    import ray
+
+    want = requested_cpus(dist)
     workers = max(dist.num_workers, 1)
-    free = max(total - n_aux_cpus, 0.1 * workers)
-    return round(min(dist.cpus_per_worker, free / workers), 3)
+    if want is None:
+        nodes, driver, available = cluster_cpu_view()
+        if dist.num_workers == 0 and driver is not None:
+            nodes = [nodes[driver]]
+            driver = 0
+        return auto_cpus_per_worker(nodes, workers, n_aux_cpus, driver, available)
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    free = max(total - n_aux_cpus, MIN_WORKER_CPUS * workers)
+    return round(min(want, _floor(free / workers, 0.001)), 3)
 
 
 def torch_threads(cpus: float) -> int:
-    return max(1, int(math.floor(cpus)))
+    """Intra-op threads for a process holding `cpus` CPUs: the whole CPUs it reserved, at least one."""
+    return max(1, int(math.floor(cpus + 1e-9)))
+
+
+def actor_threads(default: float = 1.0) -> int:
+    """Threads for the calling Ray actor/task: the CPUs Ray reserved for it (`num_cpus`), at least one;
+    `default` CPUs outside Ray (a plain object in a test or a local loop)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus is not None:
+                return torch_threads(cpus)
+    except Exception:  # noqa: BLE001 - not in a Ray worker (the driver): fall back to `default`
+        pass
+    return torch_threads(default)
 
 
 def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: list | None = None):

@@ -67,9 +67,9 @@ def test_every_numeric_and_choice_key_has_a_rule_and_the_rule_bites():
         assert rule.allows(leaves[key]), f"the default of {key} breaks its own rule"
 
 
-@pytest.mark.parametrize("dataset", ["synthetic", "tiktok", "lastfm2k"])
-def test_shipped_dataset_defaults_pass_the_rules(dataset):
-    load_config(data_path=dataset)  # the per-dataset YAML is applied by folder name
+@pytest.mark.parametrize("recipe", ["synthetic", "tiktok", "lastfm2k"])
+def test_shipped_recipes_pass_the_rules(recipe):
+    assert load_config(recipe=recipe).data.recipe == recipe  # chosen explicitly, never by folder name
 
 
 def test_non_finite_values_are_rejected():

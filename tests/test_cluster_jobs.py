@@ -1,7 +1,10 @@
-"""End to end on a real multi-node Ray cluster: cluster/local_cluster.py starts a head and one worker node
-(separate raylets, token authentication on), `ray job submit` (the real CLI) runs jobs/pipeline.py on it,
-and the run's metrics.json must hold teacher and student val/test recall@20. The cluster is stopped in
-`finally`, and none of its processes may survive.
+"""End to end on a real multi-node Ray cluster, as a new user follows jobs/README.md: cluster/local_cluster.py
+starts a fresh head (1 CPU) and two worker nodes (2 CPUs each; separate raylets and session dirs, token
+authentication on), and the FIRST `ray job submit` (the real CLI) runs jobs/pipeline.py with 2 Train
+workers. It must succeed (the first submit to a fresh cluster used to fail while two nodes unpacked the
+working dir into one shared session dir), train on the worker nodes, show each log line once without
+tracebacks, and write metrics.json with teacher and student val/test recall@20. The cluster is stopped
+in `finally`, and none of its processes may survive.
 
 Deliberately not using the session `ray_session` fixture: this is a separate cluster on its own free ports.
 Data: a small Tiktok subset when the real data and the subset helpers exist, else `synthetic`
@@ -30,7 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster" / "local_cluster.py"
 SUBSET_USERS = 300
 EXCLUDES = [".venv", ".git", "runs", "out", "**/__pycache__", "*.egg-info", ".pytest_cache"]
-NODE_CPUS = os.environ.get("PROMPTMM_CLUSTER_TEST_CPUS", "2")  # logical CPUs per node
+HEAD_CPUS = "1"  # the driver and the small shard/teacher actors; the Train workers need the worker nodes
+NODE_CPUS = os.environ.get("PROMPTMM_CLUSTER_TEST_CPUS", "2")  # logical CPUs per worker node
+TRAIN_WORKERS = 2
 
 
 def _ray_cli() -> str | None:
@@ -95,6 +100,14 @@ def _job_info(state: dict, job_id: str) -> dict:
         return json.loads(resp.read().decode())
 
 
+def _state_api(state: dict, what: str) -> list[dict]:
+    """Rows of the dashboard's state API (`nodes`, `actors`), finished jobs' actors included."""
+    req = urllib.request.Request(f"{state['dashboard_url']}/api/v0/{what}?limit=10000&detail=true")
+    req.add_header("Authorization", "Bearer " + Path(state["token_path"]).read_text().strip())
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read().decode())["data"]["result"]["result"]
+
+
 def _submit(state: dict, entrypoint: list[str], env_vars: dict, timeout: float) -> tuple[str, str, dict]:
     """`ray job submit` (blocks, streams the logs); returns (submission id, output, final job info)."""
     job_id = f"pmmtest_{uuid.uuid4().hex[:10]}"
@@ -112,14 +125,14 @@ def _submit(state: dict, entrypoint: list[str], env_vars: dict, timeout: float) 
     return job_id, output, _job_info(state, job_id)
 
 
-def test_pipeline_job_on_local_multinode_cluster(tmp_path):
+def test_first_job_submit_to_a_fresh_local_cluster(tmp_path):
     data, data_note = _job_data(tmp_path)
     print(f"job data: {data_note}")
     # short: Ray puts unix sockets under the state/temp dirs
     state_dir = Path(tempfile.mkdtemp(prefix="pmmtest-", dir="/tmp"))
     state = None
     t0 = time.monotonic()
-    started = _cluster("start", "--workers", "1", "--head-cpus", NODE_CPUS, "--worker-cpus", NODE_CPUS,
+    started = _cluster("start", "--workers", "2", "--head-cpus", HEAD_CPUS, "--worker-cpus", NODE_CPUS,
                        "--object-store-mb", "300", "--auth", "token", "--state-dir", str(state_dir), "--json")
     try:
         assert started.returncode == 0, f"cluster start failed:\n{started.stdout}\n{started.stderr}"
@@ -131,28 +144,20 @@ def test_pipeline_job_on_local_multinode_cluster(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as denied:
             urllib.request.urlopen(state["dashboard_url"] + "/api/jobs/", timeout=10)
         assert denied.value.code == 401
+        # every node has its own temp dir, hence its own session dir
+        node_dirs = [Path(n["temp_dir"]) for n in state["nodes"]]
+        sessions = [[x for x in d.glob("session_*") if not x.is_symlink()] for d in node_dirs]  # not session_latest
+        assert len(set(node_dirs)) == 3 and all(len(x) == 1 and (x[0] / "logs").is_dir() for x in sessions), sessions
 
-        # plumbing: both nodes visible from a job, the package comes from the uploaded working dir
-        probe = ("import json, ray, promptmm_dist; ray.init(); "
-                 "print('PROBE', json.dumps({'nodes': sum(n['Alive'] for n in ray.nodes()), "
-                 "'res': ray.cluster_resources(), 'pkg': promptmm_dist.__file__}))")
-        job_id, output, info = _submit(state, ["python", "-c", probe], {}, timeout=180)
-        assert info["status"] == "SUCCEEDED", f"probe job {job_id}: {info}\n{output}"
-        line = next(x for x in output.splitlines() if x.startswith("PROBE "))
-        probe_out = json.loads(line[len("PROBE "):])
-        assert probe_out["nodes"] == 2 and probe_out["res"].get("node_0") == 1 and probe_out["res"].get("node_1") == 1
-        assert "working_dir_files" in probe_out["pkg"], probe_out["pkg"]
-
-        # the real job
+        # the FIRST submit: the documented pipeline job, 2 Train workers
         out = tmp_path / "run"
         t1 = time.monotonic()
         job_id, output, info = _submit(
             state,
             ["python", "jobs/pipeline.py", "--data", data, "--out", str(out),
              "--set", "teacher.epochs=2", "--set", "student.epochs=2",
-             "--num-workers", "1", "--num-shards", "2", "--json"],
-            {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
-            timeout=420,
+             "--num-workers", str(TRAIN_WORKERS), "--num-shards", "2", "--json"],
+            {}, timeout=420,
         )
         print(f"pipeline job {job_id}: {info['status']} in {time.monotonic() - t1:.1f} s")
         assert info["status"] == "SUCCEEDED", f"job {job_id}: {info.get('message')}\n{output[-6000:]}"
@@ -161,6 +166,34 @@ def test_pipeline_job_on_local_multinode_cluster(tmp_path):
             for split in ("val", "test"):
                 value = metrics[stage][split]["recall@20"]
                 assert 0.0 <= value <= 1.0, (stage, split, value)
+
+        # the Train workers ran on the worker nodes, which unpacked the working dir in their own session
+        nodes = _state_api(state, "nodes")
+        head = {n["node_id"] for n in nodes if n["is_head_node"]}
+        train_nodes = {a["node_id"] for a in _state_api(state, "actors") if a["class_name"] == "RayTrainWorker"}
+        assert train_nodes and not (train_nodes & head), (train_nodes, head)
+        for d in node_dirs[1:]:
+            assert list(d.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")), d
+
+        # the log: each line once (one log monitor per session dir), no tracebacks
+        for stage in ("teacher", "student"):
+            for epoch in range(2):
+                lines = [x for x in output.splitlines() if f"{stage} epoch {epoch}/2 " in x]
+                assert len(lines) == 1, f"{stage} epoch {epoch}: {len(lines)} lines\n{output[-6000:]}"
+        assert "Traceback" not in output and "PlacementGroupCleaner" not in output, output[-6000:]
+
+        # a second, small job: the package comes from the uploaded working dir, and left to the nodes
+        # (dist.cpus_per_worker unset) each of the 2 Train workers gets a whole worker node's CPUs
+        probe = ("import json, ray, promptmm_dist; from promptmm_dist import ray_setup; "
+                 "from promptmm_dist.config import DistConfig; ray.init(); "
+                 "aux = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_WORKER_CPUS; "
+                 f"auto = ray_setup.cpus_per_worker(DistConfig(num_workers={TRAIN_WORKERS}, cpus_per_worker=None), aux); "
+                 "print('PROBE', json.dumps({'auto': auto, 'pkg': promptmm_dist.__file__}))")
+        job_id, output, info = _submit(state, ["python", "-c", probe], {}, timeout=180)
+        assert info["status"] == "SUCCEEDED", f"probe job {job_id}: {info}\n{output}"
+        probe_out = json.loads(next(x for x in output.splitlines() if x.startswith("PROBE "))[len("PROBE "):])
+        assert "working_dir_files" in probe_out["pkg"], probe_out["pkg"]
+        assert probe_out["auto"] == float(NODE_CPUS), probe_out
     finally:
         stop_result, survivors = _stop_cluster(state_dir, state)
     assert stop_result.get("remaining") == [], f"cluster stop left processes: {stop_result}"

@@ -83,6 +83,47 @@ def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session):
     ray.kill(worker)
 
 
+def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
+    """Cached rankings keep ids as int32 (half of int64) and logits as float16; the producer's stats
+    give the bytes per cached training pair; the ids read back widen to exactly the sampled int64 ids."""
+    import ray
+
+    from promptmm_dist.data.shards import make_shard_actors
+    from promptmm_dist.distill.cache import CacheDirectory, RayCacheKD, SoftRankingCache
+    from promptmm_dist.distill.local_kd import epoch_seed
+    from promptmm_dist.train.steps import SoftRanking
+
+    data, parquet, cfg, ckpt, _ = tiny
+    n_neg = 4
+    shards = make_shard_actors(parquet, 2, data.n_users, data.n_items, cpus=0)
+    worker = ray.remote(num_cpus=0)(TeacherWorker).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
+    cache = SoftRankingCache(shards, [worker], directory, 1, 2, cfg.seed, n_neg, 0, log=lambda m: None,
+                             timeout_s=60.0).start()
+    kd = RayCacheKD(directory, 0, [0], 0, cfg.seed)  # one shard: its ranking unshuffled
+    try:
+        rankings = [kd.epoch(e)[0] for e in range(2)]  # reading epoch 1 means epoch 0 was counted
+    finally:
+        cache.stop()
+        for a in [worker, directory, *shards]:
+            ray.kill(a)
+    assert cache.error is None
+    ranking = rankings[0]
+    assert ranking.users.dtype == np.int32 and ranking.items.dtype == np.int32
+    assert ranking.fused_logits.dtype == np.float16
+    sampled = ShardState(str(parquet), 0, 2, data.n_users, data.n_items).epoch_samples(n_neg, epoch_seed(cfg.seed, 0, 0))
+    np.testing.assert_array_equal(np.asarray(ranking.users, dtype=np.int64), sampled.users)
+    np.testing.assert_array_equal(np.asarray(ranking.items, dtype=np.int64), sampled.items)
+    # a row: user (4) + 1+N items (4 each) + fused and per-modality logits (2 each) + margin (4)
+    modalities = len(ranking.modal_logits)
+    assert ranking.bytes_per_pair() == 4 + 4 * (1 + n_neg) + 2 * (1 + n_neg) * (modalities + 1) + 4
+    assert cache.stats.pairs_per_epoch[0] == len(ranking)
+    assert cache.stats.bytes_per_pair() == pytest.approx(ranking.bytes_per_pair(), abs=0.01)
+    with pytest.raises(ValueError, match="do not fit int32"):
+        SoftRanking(np.array([2**31], dtype=np.int64), np.zeros((1, 2), dtype=np.int64), {},
+                    np.zeros((1, 2), np.float16), np.zeros(1, np.float32))
+
+
 @pytest.mark.timeout(600)
 def test_distributed_run_with_prompt_rounds(tiktok_path, tmp_path, ray_session):
     data = subset_first_users(load_dataset(tiktok_path), 600)

@@ -293,7 +293,27 @@ def read_manifest(root: Path) -> dict[str, Any]:
     for rel, digest in manifest["files"].items():
         if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(digest, str):
             raise DataError(path, f"file {rel!r}", "bad entry (expected a relative path and a sha256)")
+    if manifest.get("recipe") is not None and not isinstance(manifest["recipe"], str):
+        raise DataError(path, "key 'recipe'", "not a string (a packaged recipe name, or null)")
     return manifest
+
+
+def manifest_recipe(path: str | Path) -> tuple[str | None, str]:
+    """(recipe, "<manifest>: key 'recipe'") that a prepared dataset's manifest.json asks for, or (None, "")
+    when `path` is not a prepared folder (or its manifest file) or names no recipe. Read before the
+    dataset itself, to build the config, so only this key is checked here."""
+    if is_synthetic(path):
+        return None, ""
+    p = Path(path)
+    file = p if p.name == MANIFEST and p.is_file() else p / MANIFEST
+    if not file.is_file():
+        return None, ""
+    obj = _plain(_parse_json(file))
+    recipe = obj.get("recipe") if isinstance(obj, dict) else None
+    where = f"{file}: key 'recipe'"
+    if recipe is not None and not isinstance(recipe, str):
+        raise DataError(file, "key 'recipe'", "not a string (a packaged recipe name, or null)")
+    return recipe, where
 
 
 def _plain(obj: Any) -> Any:

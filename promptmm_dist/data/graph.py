@@ -75,9 +75,10 @@ class _ScipySpMM(torch.autograd.Function):
 class GraphPropagator:
     """One `propagate(x)` call = one hop over the normalised graph.
 
-    Everything that walks the graph goes through this object, so a row-partitioned version (each
-    rank multiplies its own node rows, then all-gathers) can replace this replicated one without
-    touching the models or the training loops.
+    Everything that walks the graph or reduces over items goes through this object, so the
+    row-partitioned version (`partition.graph.PartitionedGraph`: each rank multiplies its own node
+    rows, fetching the rows it needs from their owners) replaces this replicated one without the
+    models or the losses knowing. Here tables are whole: node rows = all users then all items.
     """
 
     def __init__(self, adj: sp.csr_matrix, n_users: int, n_items: int) -> None:
@@ -87,6 +88,7 @@ class GraphPropagator:
         symmetric = (abs(self.adj_csr - self.adj_csr.T) > 1e-7).nnz == 0
         self.adj_t_csr = self.adj_csr if symmetric else self.adj_csr.T.tocsr()
         self._torch_adj: torch.Tensor | None = None  # for accelerator tensors only
+        self._user_mean: sp.csr_matrix | None = None
 
     @property
     def adj(self) -> torch.Tensor:
@@ -104,6 +106,25 @@ class GraphPropagator:
         if x.dtype != torch.float32:
             x = x.float()
         return _ScipySpMM.apply(x, self.adj_csr, self.adj_t_csr)
+
+    def user_item_mean(self, items: torch.Tensor) -> torch.Tensor:
+        """Each user's mean of its training items' rows (D_u^-1 R items): users start from their items.
+        R is read off the adjacency's user-item block (its pattern, whatever the normalisation)."""
+        if self._user_mean is None:
+            block = self.adj_csr[: self.n_users, self.n_users:].copy()
+            block.data[:] = 1.0
+            self._user_mean = row_normalized(block)
+        if items.device.type != "cpu":
+            return to_torch_sparse(self._user_mean).to(items.device) @ items
+        return _ScipySpMM.apply(items.float(), self._user_mean, self._user_mean.T.tocsr())
+
+    def sum_items(self, x: torch.Tensor) -> torch.Tensor:
+        """A sum over items computed from this process's item rows (here: all of them) -> over all items."""
+        return x
+
+    def gather_items(self, *tables: torch.Tensor) -> list[torch.Tensor]:
+        """Whole item tables from this process's item rows (here they are already whole)."""
+        return list(tables)
 
     def layer_mean(self, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
         """LightGCN readout: mean of x0, Ax0, ..., A^L x0."""

@@ -5,7 +5,8 @@ Canonical layout (what the rest of the pipeline prefers to read, fast and self-d
     interactions.parquet   user int32, item int32, split int8 (0 train, 1 val, 2 test), sorted
     features/<name>.npy    float32, row i = item i
     manifest.json          counts, modalities (dim, on-disk and source dtype), sha256 and size of every
-                           file, content hash, source format, creating version
+                           file, content hash, source format, creating version, and the packaged
+                           recipe the data asks for (`prepare --recipe NAME`; null = the defaults)
 
 Why atomic: a crash or a bad input must never leave a half-written dataset that a later run could
 mistake for a good one. Everything is written into a hidden temporary folder beside OUT and renamed
@@ -36,13 +37,33 @@ from promptmm_dist.errors import DataError
 FORMAT_VERSION = 1
 
 
-def prepare_dataset(src: str | Path, out: str | Path, format: str = "auto", force: bool = False) -> Path:
-    """Load and validate `src`, then write the canonical layout to `out` (replaced only with force)."""
+def prepare_dataset(src: str | Path, out: str | Path, format: str = "auto", force: bool = False,
+                    recipe: str | None = None) -> Path:
+    """Load and validate `src`, then write the canonical layout to `out` (replaced only with force).
+
+    `recipe` (a packaged recipe name) is written into the manifest, so every run on this data uses it
+    wherever the folder lives; None keeps a prepared source's own recipe, "none" drops it."""
     out = Path(out)
+    recipe = _manifest_recipe_for(src, recipe)
     _check_target(src, out, force)
     loaded = F.load_source(src, format)
     return write_canonical(loaded.data, out, force=force, source_dtypes=loaded.source_dtypes,
-                           origin_format=loaded.origin_format, source_path=loaded.path)
+                           origin_format=loaded.origin_format, source_path=loaded.path, recipe=recipe)
+
+
+def _manifest_recipe_for(src: str | Path, recipe: str | None) -> str | None:
+    """The recipe OUT's manifest will name: `recipe` checked (names only: a manifest travels with the
+    data, a path would not), else the source manifest's."""
+    from promptmm_dist.config import RECIPE_NONE, check_recipe
+
+    if recipe is None:
+        recipe, where = F.manifest_recipe(src)
+        if recipe is None:
+            return None
+        check_recipe(recipe, where, names_only=True)
+    else:
+        check_recipe(recipe, "--recipe", names_only=True)
+    return None if recipe == RECIPE_NONE else recipe
 
 
 def ensure_canonical(data: InteractionData, folder: str | Path) -> Path:
@@ -65,7 +86,7 @@ def ensure_canonical(data: InteractionData, folder: str | Path) -> Path:
 
 def write_canonical(data: InteractionData, out: str | Path, *, force: bool = False,
                     source_dtypes: dict[str, str] | None = None, origin_format: str | None = None,
-                    source_path: Path | None = None) -> Path:
+                    source_path: Path | None = None, recipe: str | None = None) -> Path:
     """Write `data` to `out` atomically (temp folder beside it, then rename). Returns `out`."""
     out = Path(out)
     if out.exists() and not force:
@@ -77,7 +98,8 @@ def write_canonical(data: InteractionData, out: str | Path, *, force: bool = Fal
     except OSError as err:
         raise DataError(out, None, f"cannot create: {err.strerror or err}") from None
     try:
-        _write_contents(data, tmp, source_dtypes or {}, origin_format or data.source_format, source_path)
+        _write_contents(data, tmp, source_dtypes or {}, origin_format or data.source_format, source_path,
+                        recipe)
         _swap_into_place(tmp, out.absolute())
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +134,7 @@ def _check_target(src: str | Path, out: Path, force: bool) -> None:
 
 
 def _write_contents(data: InteractionData, tmp: Path, source_dtypes: dict[str, str], origin: str,
-                    source_path: Path | None) -> None:
+                    source_path: Path | None, recipe: str | None = None) -> None:
     (tmp / F.FEATURES_DIR).mkdir()
     files = [F.INTERACTIONS_FILE]
     _write_parquet(data, tmp / F.INTERACTIONS_FILE)
@@ -120,7 +142,7 @@ def _write_contents(data: InteractionData, tmp: Path, source_dtypes: dict[str, s
         rel = f"{F.FEATURES_DIR}/{name}.npy"
         np.save(tmp / rel, np.ascontiguousarray(feat, dtype=np.float32), allow_pickle=False)
         files.append(rel)
-    manifest = build_manifest(data, tmp, files, source_dtypes, origin, source_path)
+    manifest = build_manifest(data, tmp, files, source_dtypes, origin, source_path, recipe)
     (tmp / F.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -135,7 +157,7 @@ def _write_parquet(data: InteractionData, path: Path) -> None:
 
 
 def build_manifest(data: InteractionData, root: Path, files: list[str], source_dtypes: dict[str, str],
-                   origin: str, source_path: Path | None) -> dict[str, Any]:
+                   origin: str, source_path: Path | None, recipe: str | None = None) -> dict[str, Any]:
     counts = {name: data.n_interactions(code) for name, code in SPLIT_NAMES.items()}
     return {
         "format": "promptmm_dist canonical", "format_version": FORMAT_VERSION,
@@ -149,6 +171,7 @@ def build_manifest(data: InteractionData, root: Path, files: list[str], source_d
         "files": {rel: F.file_sha256(root / rel) for rel in files},
         "sizes": {rel: (root / rel).stat().st_size for rel in files},
         "content_sha256": data.manifest_sha256 or F.content_sha256(data),
+        "recipe": recipe,  # not part of the content hash: the same data with another recipe is the same data
         "created_by": f"promptmm_dist {__version__}",
     }
 
@@ -171,16 +194,17 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    """`promptmm prepare SRC OUT [--format F] [--force]`."""
+    """`promptmm prepare SRC OUT [--format F] [--force] [--recipe NAME]`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
-        out = prepare_dataset(args.src, args.out, format=args.format, force=args.force)
+        out = prepare_dataset(args.src, args.out, format=args.format, force=args.force,
+                              recipe=getattr(args, "recipe", None))
     manifest = F.read_manifest(out)
     inter = manifest["interactions"]
     mods = ", ".join(f"{m}:{v['dim']}" for m, v in manifest["modalities"].items())
     print(f"prepared {manifest['name']} ({manifest['source_format']}) -> {out}: {manifest['n_users']:,} users, "
           f"{manifest['n_items']:,} items, train {inter['train']:,} / val {inter['val']:,} / "
-          f"test {inter['test']:,}, modalities {mods}")
+          f"test {inter['test']:,}, modalities {mods}, recipe {manifest.get('recipe') or 'none (defaults)'}")
     print_warnings(caught)
     return 0
 

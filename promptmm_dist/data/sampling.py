@@ -76,3 +76,12 @@ def iter_batches(batch: SampleBatch, batch_size: int):
     """Consecutive mini-batches of an epoch's samples."""
     for start in range(0, len(batch), batch_size):
         yield SampleBatch(batch.users[start:start + batch_size], batch.items[start:start + batch_size])
+
+
+def join_steps(parts: list[SampleBatch], n_steps: int) -> list[SampleBatch]:
+    """Step t = slice t of every part (each part: one shard's shuffled epoch samples). A rank joining its
+    shards this way, and W ranks together, see the same global batch at every step for any W."""
+    splits = [np.array_split(np.arange(len(p)), n_steps) for p in parts]
+    return [SampleBatch(np.concatenate([p.users[s[t]] for p, s in zip(parts, splits)]),
+                        np.concatenate([p.items[s[t]] for p, s in zip(parts, splits)]).reshape(-1, parts[0].items.shape[1]))
+            for t in range(n_steps)]

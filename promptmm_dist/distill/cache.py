@@ -56,6 +56,7 @@ class CacheDirectory:
         self._cond = threading.Condition()
         self._epochs: dict[int, dict] = {}
         self._consumed: dict[int, dict[int, int]] = {}
+        self._pairs: dict[int, dict[int, int]] = {}  # epoch -> {rank: training pairs read}
         self._students: dict[int, list] = {}
         self._stopped = False
         self._end_requested = False  # tune: the scheduler stopped this trial early
@@ -123,9 +124,10 @@ class CacheDirectory:
             self._end_requested = True
             self._cond.notify_all()
 
-    def consumed(self, epoch: int, rank: int, nbytes: int) -> None:
+    def consumed(self, epoch: int, rank: int, nbytes: int, pairs: int = 0) -> None:
         with self._cond:
             self._consumed.setdefault(epoch, {})[rank] = nbytes
+            self._pairs.setdefault(epoch, {})[rank] = pairs
             self._cond.notify_all()
 
     def _news(self) -> bool:
@@ -133,12 +135,15 @@ class CacheDirectory:
 
     def wait_consumed(self, epoch: int, n_ranks: int, timeout: float) -> dict:
         """Wait up to `timeout` for every rank to fetch `epoch`, waking early for recompute requests
-        or a failure: {"consumed": {rank: bytes} or None, "wanted": [...], "failure": str or None}."""
+        or a failure: {"consumed": {rank: bytes} or None, "pairs": {rank: pairs} or None, "wanted": [...],
+        "failure": str or None}."""
         with self._cond:
             self._cond.wait_for(lambda: len(self._consumed.get(epoch, {})) >= n_ranks or self._news(), timeout)
             got = self._consumed.get(epoch, {})
-            return {"consumed": dict(got) if len(got) >= n_ranks else None, "wanted": sorted(self._wanted),
-                    "failure": self._failure}
+            done = len(got) >= n_ranks
+            return {"consumed": dict(got) if done else None,
+                    "pairs": dict(self._pairs.get(epoch, {})) if done else None,
+                    "wanted": sorted(self._wanted), "failure": self._failure}
 
     def drop(self, epoch: int) -> None:
         with self._cond:
@@ -183,9 +188,17 @@ class CacheStats:
     versions: int = 1
     produce_s: float = 0.0  # time the driver's producer spent waiting for teacher workers
     bytes_per_epoch: list[int] = field(default_factory=list)
+    pairs_per_epoch: list[int] = field(default_factory=list)  # training pairs the ranks read, per epoch
     max_epochs_held: int = 0
     rounds: list[dict] = field(default_factory=list)
     recomputed: int = 0  # epochs produced again on a rank's request (freed or lost)
+
+    def bytes_per_pair(self) -> float:
+        """Object-store bytes per cached training pair (ids int32, logits float16), over the epochs
+        whose pair counts the ranks reported; 0.0 before any."""
+        counted = [(b, n) for b, n in zip(self.bytes_per_epoch, self.pairs_per_epoch) if n > 0]
+        pairs = sum(n for _, n in counted)
+        return round(sum(b for b, _ in counted) / pairs, 2) if pairs else 0.0
 
 
 class SoftRankingCache:
@@ -322,6 +335,7 @@ class SoftRankingCache:
             self._news(got, epoch)
             if got["consumed"] is not None:
                 self.stats.bytes_per_epoch.append(int(sum(got["consumed"].values())))
+                self.stats.pairs_per_epoch.append(int(sum((got.get("pairs") or {}).values())))
                 return True
         return False
 
@@ -454,7 +468,8 @@ class RayCacheKD:
                 raise self._fail(f"soft-ranking cache, rank {self.rank}: epoch {epoch}: {one_line(err)}") from None
             self._prompt = got["prompt"]
             ranking = parts[0] if len(parts) == 1 else concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
-            self.directory.consumed.remote(epoch, self.rank, sum(p.nbytes() for p in parts))
+            self.directory.consumed.remote(epoch, self.rank, sum(p.nbytes() for p in parts),
+                                           sum(len(p) for p in parts))
             return ranking, self._items, True
         raise self._fail(f"soft-ranking cache, rank {self.rank}: epoch {epoch} was lost {MAX_ASKS} times")
 

@@ -1,6 +1,7 @@
-"""Ray Train worker loop of the student stage: rank r reads its shards' cached soft rankings for
-each epoch (zero-copy), trains the LightGCN student with BPR + KD under DDP, validates on its share
-of users (exact all-reduce) and reports/checkpoints through ray.train.report."""
+"""Ray Train worker loop of the student stage: partitioned execution (each rank holds its users',
+items' and adjacency rows), rank r reads its shards' cached soft rankings for each epoch (zero-copy),
+trains the LightGCN student with BPR + KD, validates on its users (exact sums all-reduced) and
+reports/checkpoints through ray.train.report."""
 
 from __future__ import annotations
 
@@ -10,58 +11,82 @@ import numpy as np
 import torch
 
 from promptmm_dist.config import config_from_dict
-from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
 from promptmm_dist.models.student import MODELS
+from promptmm_dist.partition.plan import rank_shards
+from promptmm_dist.partition.rank_data import RankData
+from promptmm_dist.partition.world import PartitionedWorld
 from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.state import LoopState, latest_state
+from promptmm_dist.train.steps import SoftRanking
 from promptmm_dist.train.student_loop import fit_student
-from promptmm_dist.train.teacher_trainer import rank_shards
-from promptmm_dist.train.world import World
+
+
+class RankKD:
+    """The cache as a partitioned rank needs it: sample ids in the rank's numbering, the teacher's item
+    tables in the gathered item order, and whole student tables (on rank 0) for prompt rounds."""
+
+    def __init__(self, kd: RayCacheKD, rd: RankData, world: PartitionedWorld) -> None:
+        self.kd, self.rd, self.world = kd, rd, world
+        self._items_from: object = None
+        self._items: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int) -> tuple[SoftRanking, dict[str, torch.Tensor] | None, bool]:
+        ranking, items, has_teacher = self.kd.epoch(epoch)
+        users, ids = self.rd.local_ids(ranking.users, ranking.items)
+        ranking = SoftRanking(users, ids, ranking.modal_logits, ranking.fused_logits, ranking.margins)
+        if items is not self._items_from:  # a new cache version: reorder its item tables once
+            order = torch.from_numpy(self.rd.plan.gathered_items)
+            self._items = {m: h[order] for m, h in items.items()} if items else items
+            self._items_from = items
+        return ranking, self._items, has_teacher
+
+    def after_epoch(self, epoch: int, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict | None:
+        kd = self.kd
+        if kd.refresh <= 0 or (epoch + 1) % kd.refresh != 0:
+            return None
+        user = self.world.full_table(user_emb, "user")  # collective; whole on rank 0 only
+        item = self.world.full_table(item_emb, "item")
+        return kd.after_epoch(epoch, user, item)
 
 
 def student_train_loop(config: dict) -> None:
     import ray
     import ray.train
-    import ray.train.torch
 
+    from promptmm_dist.partition.setup import setup_rank
     from promptmm_dist.ray_setup import make_reporter
 
     ctx = ray.train.get_context()
-    world = World(ctx.get_world_rank(), ctx.get_world_size())
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     cfg = config_from_dict(config["cfg"])
     sc = cfg.student
-    data = ray.get(config["data_ref"])
-    graph = GraphPropagator(ray.get(config["adj_ref"]), data.n_users, data.n_items)
+    spec = config["dataset"]
+    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, sc.norm, cfg.dist.exchange)
     torch.manual_seed(cfg.seed)
-    student = MODELS["lightgcn"](data.n_users, data.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
+    student = MODELS["lightgcn"](rd.n_users, rd.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
                                  teacher_dim=cfg.teacher.embed_dim)
+    world.init_tables(student, cfg.seed)
     if config.get("init_ref") is not None:
         user, item = ray.get(config["init_ref"])
-        student.init_from(torch.as_tensor(np.array(user)), torch.as_tensor(np.array(item)))
-    # the projector (d_S != d) runs inside the student's forward; it only goes unused (and DDP must
-    # look for unused parameters, which otherwise makes every rank warn) when embedding KD is off
-    unused = any(True for _ in student.projector.parameters()) and sc.lambda_emb == 0
-    module = (ray.train.torch.prepare_model(student, move_to_device=False,
-                                            parallel_strategy_kwargs={"find_unused_parameters": unused})
-              if world.world_size > 1 else student)
-    mine = rank_shards(config["num_shards"], world.rank, world.world_size)
-    kd = RayCacheKD(config["directory"], world.rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
-                    projector=student.projector)
+        student.init_from(torch.as_tensor(np.asarray(user)[rd.users]), torch.as_tensor(np.asarray(item)[rd.items]))
+    mine = rank_shards(config["num_shards"], rank, size)
+    cache = RayCacheKD(config["directory"], rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
+                       projector=student.projector)
+    kd = RankKD(cache, rd, world)
 
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "student", state.best if state.best is not None else state.model, cfg,
-                        {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
+                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
 
     resume = latest_state(config.get("resume_from"))
-    report = make_reporter(files, world.rank, config.get("resume_mirror"), initial=resume)
+    report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
     try:
-        result = fit_student(data, cfg, student, graph, kd, config["total_pairs"], world=world,
-                             train_module=module, report=report, log=worker_log,
-                             resume=resume,
-                             progress_dir=config.get("progress_dir"), kd_state=CacheVersion(kd))
+        result = fit_student(rd.local, cfg, student, graph, kd, config["total_pairs"], world=world,
+                             report=report, log=worker_log, resume=resume,
+                             progress_dir=config.get("progress_dir"), kd_state=CacheVersion(cache))
     except TrainingEnded:
         return  # tune stopped the trial: the last epoch's checkpoint is already reported
     # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,

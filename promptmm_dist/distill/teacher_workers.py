@@ -42,11 +42,15 @@ class PromptState:
 class TeacherWorker:
     """One frozen teacher (eval mode) per worker; forward computed once per cache version."""
 
-    def __init__(self, data: InteractionData, cfg_dict: dict, checkpoint: str, threads: int = 1) -> None:
+    def __init__(self, data: InteractionData, cfg_dict: dict, checkpoint: str, threads: int | None = None) -> None:
+        """`threads`: torch intra-op threads; None = the CPUs Ray reserved for this actor (`num_cpus`,
+        whole CPUs, at least one), so a worker given 4 CPUs computes its rankings on 4 threads."""
+        from promptmm_dist.ray_setup import actor_threads
         from promptmm_dist.train.teacher_loop import build_teacher
         from promptmm_dist.paths import hard_token_dir
 
-        torch.set_num_threads(max(1, threads))
+        self.threads = max(1, threads) if threads is not None else actor_threads()
+        torch.set_num_threads(self.threads)
         self.cfg: Config = config_from_dict(cfg_dict)
         self.data = data
         self.graph = GraphPropagator.from_train(data.train_csr, self.cfg.teacher.norm)
@@ -133,6 +137,16 @@ class TeacherWorker:
         self.version = version
         self._out = None
         return version
+
+    def resources(self) -> dict:
+        """The CPUs Ray reserved for this worker and the torch threads it uses (tests, benchmarks)."""
+        import ray
+
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
+            cpus = None
+        return {"cpus": cpus, "threads": torch.get_num_threads()}
 
     def pid(self) -> int:
         """This worker's process id (fault-injection tests and benchmarks)."""

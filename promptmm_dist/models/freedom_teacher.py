@@ -59,8 +59,8 @@ def item_item_graph(features: dict[str, np.ndarray], k: int) -> sp.csr_matrix:
 
 class FreedomTeacher(PromptMMTeacher):
     def __init__(self, n_users: int, n_items: int, features: dict[str, np.ndarray],
-                 prompt: PromptModule, cfg: TeacherConfig, prompt_cfg: PromptConfig, train_csr) -> None:
-        super().__init__(n_users, n_items, features, prompt, cfg, prompt_cfg, train_csr)
+                 prompt: PromptModule, cfg: TeacherConfig, prompt_cfg: PromptConfig) -> None:
+        super().__init__(n_users, n_items, features, prompt, cfg, prompt_cfg)
         self.item_graph = GraphPropagator(item_item_graph(features, cfg.knn_k), 0, n_items)
 
     def item_graph_term(self, item_ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -69,10 +70,14 @@ class PromptModule(nn.Module):
     Kept as its own module so the student stage can step it (prompt rounds) with the teacher frozen.
     """
 
-    def __init__(self, item_tokens: np.ndarray, train_csr: sp.csr_matrix, dropout: float = 0.1) -> None:
+    def __init__(self, item_tokens: np.ndarray, train_csr: sp.csr_matrix, dropout: float = 0.1,
+                 items: np.ndarray | None = None) -> None:
+        """`item_tokens`: all items' hard tokens (I, d); `train_csr`: the training rows of the users this
+        process holds (columns: all items); `items`: the items it holds (default: all)."""
         super().__init__()
         dim = item_tokens.shape[1]
-        h_i = torch.from_numpy(np.ascontiguousarray(item_tokens, dtype=np.float32))
+        own = item_tokens if items is None else item_tokens[items]
+        h_i = torch.from_numpy(np.ascontiguousarray(own, dtype=np.float32))
         h_u = torch.from_numpy(np.asarray(row_normalized(train_csr) @ item_tokens, dtype=np.float32))
         self.register_buffer("user_tokens", h_u, persistent=False)
         self.register_buffer("item_tokens", h_i, persistent=False)
@@ -86,8 +91,13 @@ class PromptModule(nn.Module):
                 self.dropout(self.item_linear(self.item_tokens)))
 
     @staticmethod
-    def feature_prompt(x: torch.Tensor, p_items: torch.Tensor, rate: float) -> torch.Tensor:
-        """X~ = X + rate * norm(P_i (P_i^T X)): the prompt re-weights the modality features."""
+    def feature_prompt(x: torch.Tensor, p_items: torch.Tensor, rate: float,
+                       sum_items: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """X~ = X + rate * norm(P_i (P_i^T X)): the prompt re-weights the modality features.
+        P_i^T X sums over all items: `sum_items` completes it when this process holds only some rows."""
         if rate == 0.0:
             return x
-        return x + rate * l2norm(p_items @ (p_items.t() @ x))
+        mixed = p_items.t() @ x
+        if sum_items is not None:
+            mixed = sum_items(mixed)
+        return x + rate * l2norm(p_items @ mixed)

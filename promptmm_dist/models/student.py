@@ -17,13 +17,14 @@ class LightGCN(nn.Module):
                  teacher_dim: int | None = None) -> None:
         super().__init__()
         self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
+        # training-only: not part of the inference parameter count. Built before the tables so its
+        # initial weights depend on the seed only, not on how many rows this process holds
+        self.projector = (nn.Linear(embed_dim, teacher_dim, bias=False)
+                          if teacher_dim is not None and teacher_dim != embed_dim else nn.Identity())
         self.user_emb = nn.Embedding(n_users, embed_dim)
         self.item_emb = nn.Embedding(n_items, embed_dim)
         nn.init.normal_(self.user_emb.weight, std=0.1)
         nn.init.normal_(self.item_emb.weight, std=0.1)
-        # training-only: not part of the inference parameter count
-        self.projector = (nn.Linear(embed_dim, teacher_dim, bias=False)
-                          if teacher_dim is not None and teacher_dim != embed_dim else nn.Identity())
 
     def forward(self, graph: GraphPropagator, project: bool = False) -> tuple[torch.Tensor, ...]:
         """(user, item) propagated tables; with `project`, also the items mapped to the teacher size

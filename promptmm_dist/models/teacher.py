@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from promptmm_dist.config import PromptConfig, TeacherConfig
-from promptmm_dist.data.graph import GraphPropagator, row_normalized, to_torch_sparse
+from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.models.prompt import PromptModule, l2norm
 
 
@@ -32,16 +32,15 @@ class TeacherOutput:
 
 class PromptMMTeacher(nn.Module):
     def __init__(self, n_users: int, n_items: int, features: dict[str, np.ndarray],
-                 prompt: PromptModule, cfg: TeacherConfig, prompt_cfg: PromptConfig,
-                 train_csr) -> None:
+                 prompt: PromptModule, cfg: TeacherConfig, prompt_cfg: PromptConfig) -> None:
+        """`n_users`/`n_items`/`features`: the rows this process holds (all of them in one process,
+        a rank's block when partitioned; the graph object knows which)."""
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
         self.cfg, self.prompt_cfg = cfg, prompt_cfg
         d = cfg.embed_dim
-        self.user_emb = nn.Embedding(n_users, d)
-        self.item_emb = nn.Embedding(n_items, d)
-        nn.init.normal_(self.user_emb.weight, std=0.1)
-        nn.init.normal_(self.item_emb.weight, std=0.1)
+        # dense modules first, tables last: the dense initial weights then depend on the seed only,
+        # not on how many table rows this process holds (partitioned ranks re-draw their rows by id)
         self.modalities = list(features)
         for name, x in features.items():
             self.register_buffer(f"feat_{name}", torch.tensor(np.asarray(x), dtype=torch.float32),
@@ -51,7 +50,10 @@ class PromptMMTeacher(nn.Module):
             nn.init.xavier_uniform_(enc.weight)
         self.dropout = nn.Dropout(cfg.dropout)
         self.prompt = prompt
-        self.user_mean = to_torch_sparse(row_normalized(train_csr))  # users start as item means
+        self.user_emb = nn.Embedding(n_users, d)
+        self.item_emb = nn.Embedding(n_items, d)
+        nn.init.normal_(self.user_emb.weight, std=0.1)
+        nn.init.normal_(self.item_emb.weight, std=0.1)
 
     def feature(self, m: str) -> torch.Tensor:
         return getattr(self, f"feat_{m}")
@@ -64,9 +66,10 @@ class PromptMMTeacher(nn.Module):
         e_i = self.item_emb.weight + pc.soft_token_rate * l2norm(p_i)
         # modality encoders on prompted features; users start as the mean of their items
         f_items = [self.dropout(self.encoders[m](
-            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate))) for m in self.modalities]
+            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate, graph.sum_items)))
+            for m in self.modalities]
         f_i = torch.cat(f_items, dim=1)
-        f_u = self.user_mean @ f_i
+        f_u = graph.user_item_mean(f_i)
         ego, modal = graph.layer_means([(torch.cat([e_u, e_i]), self.cfg.n_layers),
                                         (torch.cat([f_u, f_i]), self.cfg.modal_layers)])
         modal_user, modal_item = {}, {}

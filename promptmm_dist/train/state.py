@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from promptmm_dist.train.world import World
+
 RESUME_FILE = "resume.pt"
 
 
@@ -103,9 +105,17 @@ class Resumable:
 
     def __init__(self, stage: str, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
                  stopper, extra: object | None = None, rank: int = 0,
-                 progress_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> None:
+                 progress_dir: str | Path | None = None, log: Callable[[str], None] | None = None,
+                 world: World | None = None) -> None:
+        """`world`: a partitioned world makes snapshots whole (on rank 0) and restores each rank's rows."""
         self.stage, self.model, self.optimizers, self.stopper = stage, model, optimizers, stopper
         self.extra, self.rank, self.progress_dir, self.log = extra, rank, progress_dir, log
+        self.world = world or World(rank)
+
+    def _param_names(self, opt: torch.optim.Optimizer) -> dict[int, str]:
+        """Optimizer state index -> parameter name (Adam numbers parameters in param-group order)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {i: names.get(id(p), "") for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
 
     def restore(self, state: LoopState | None) -> tuple[int, list[dict], dict | None, bool]:
         """Load `state` into the loop's objects; (first epoch to run, history, best weights, done)."""
@@ -113,9 +123,9 @@ class Resumable:
             return 0, [], None, False
         if state.stage != self.stage:
             raise ValueError(f"resume state is for stage {state.stage!r}, not {self.stage!r}")
-        self.model.load_state_dict(state.model)
+        self.model.load_state_dict(self.world.local_state_dict(state.model))
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state.optimizers[name])
+            opt.load_state_dict(self.world.local_optimizer_state(state.optimizers[name], self._param_names(opt)))
         self.stopper.load_state_dict(state.stopper)
         if self.extra is not None and hasattr(self.extra, "load_state_dict") and state.extra:
             self.extra.load_state_dict(state.extra)
@@ -129,13 +139,18 @@ class Resumable:
                 Path(self.progress_dir).mkdir(parents=True, exist_ok=True)
                 with open(Path(self.progress_dir) / "events.log", "a") as fh:
                     fh.write(line + "\n")
-        return state.next_epoch, list(state.history), state.best, state.done
+        best = self.world.local_state_dict(state.best) if state.best is not None else None
+        return state.next_epoch, list(state.history), best, state.done
 
     def begin_epoch(self, epoch: int) -> None:
         mark_progress(self.progress_dir, self.rank, epoch)
 
     def snapshot(self, next_epoch: int, done: bool, history: list[dict], best: dict | None) -> LoopState:
+        """The whole state (every rank calls it; with a partitioned world only rank 0's is complete)."""
         extra = self.extra.state_dict() if self.extra is not None and hasattr(self.extra, "state_dict") else {}
+        w = self.world
+        model = w.full_state_dict(self.model.state_dict())
+        best_full = w.full_state_dict(best) if best is not None else None
+        opts = {n: w.full_optimizer_state(o.state_dict(), self._param_names(o)) for n, o in self.optimizers.items()}
         return LoopState(self.stage, next_epoch, done, plain(history), self.stopper.state_dict(),
-                         self.model.state_dict(), best,
-                         {n: o.state_dict() for n, o in self.optimizers.items()}, extra, torch.get_rng_state())
+                         model, best_full, opts, extra, torch.get_rng_state())

@@ -28,8 +28,9 @@ from promptmm_dist.models.teacher import TeacherOutput
 class SoftRanking:
     """The frozen teacher's view of a set of samples (what the cache stores per shard and epoch).
 
-    users (n,), items (n, 1+N) with column 0 the positive and column 1 the BPR negative; per-modality
-    list logits h^m_u . h^m_i and fused logits as float16; margins s(u,i+) - s(u,i-) as float32.
+    users (n,), items (n, 1+N) with column 0 the positive and column 1 the BPR negative, as int32 (half
+    the bytes of int64 in the object store; consumers widen a batch to int64 where torch indexes);
+    per-modality list logits h^m_u . h^m_i and fused logits as float16; margins s(u,i+) - s(u,i-) as float32.
     """
 
     users: np.ndarray
@@ -37,6 +38,27 @@ class SoftRanking:
     modal_logits: dict[str, np.ndarray]
     fused_logits: np.ndarray
     margins: np.ndarray
+
+    ID_DTYPE = np.int32  # class constant (no annotation: not a dataclass field)
+
+    def __post_init__(self) -> None:
+        self.users = self.compact_ids(self.users, "users")
+        self.items = self.compact_ids(self.items, "items")
+
+    @classmethod
+    def compact_ids(cls, ids: np.ndarray, what: str) -> np.ndarray:
+        """`ids` as int32; no copy when they already are (object-store arrays stay zero-copy).
+        ValueError (one line) for ids int32 cannot hold, rather than wrapping them silently."""
+        ids = np.asarray(ids)
+        if ids.dtype == cls.ID_DTYPE:
+            return ids
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(cls.ID_DTYPE).max):
+            raise ValueError(f"SoftRanking {what}: ids in [{ids.min()}, {ids.max()}] do not fit int32")
+        return ids.astype(cls.ID_DTYPE)
+
+    def bytes_per_pair(self) -> float:
+        """Cached bytes per training pair (one row: a user, its 1+N items, their logits and margin)."""
+        return self.nbytes() / len(self) if len(self) else 0.0
 
     def slice(self, start: int, stop: int) -> "SoftRanking":
         return SoftRanking(self.users[start:stop], self.items[start:stop],
@@ -86,6 +108,28 @@ def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
         fused_logits=fused_t.numpy().astype(np.float16),
         margins=margins,
     )
+
+
+def gather_item_side(out: TeacherOutput, base_items: torch.Tensor, graph) -> tuple[TeacherOutput, torch.Tensor]:
+    """The teacher's item-side tables whole, for losses that index items by id: one exchange for all of
+    them when the graph is partitioned, the same tensors in one process. (user side: this rank's rows)"""
+    names = list(out.modal_item)
+    views = list(out.views)
+    tables = [out.item, *(out.modal_item[m] for m in names), out.prompt_item,
+              *(out.views[v][1] for v in views), base_items]
+    whole = graph.gather_items(*tables)
+    n = len(names)
+    item, modal, prompt_item = whole[0], whole[1:1 + n], whole[1 + n]
+    view_items = whole[2 + n:2 + n + len(views)]
+    gathered = TeacherOutput(out.user, item, out.modal_user, dict(zip(names, modal)), out.prompt_user, prompt_item,
+                             views={v: (out.views[v][0], t) for v, t in zip(views, view_items)})
+    return gathered, whole[-1]
+
+
+def weighted_loss(loss: torch.Tensor, share: float, n: int) -> torch.Tensor:
+    """This rank's part of the global batch loss. A rank with no sample in a step still runs its
+    backward (its exchanges must meet the other ranks'), with a zero loss that keeps the graph."""
+    return loss * share if n else loss.nan_to_num() * 0.0
 
 
 def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tensor,

@@ -18,7 +18,7 @@ from promptmm_dist.models.student import LightGCN
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import SoftRanking, student_loss
+from promptmm_dist.train.steps import SoftRanking, student_loss, weighted_loss
 from promptmm_dist.train.teacher_loop import StageResult, steps_per_epoch
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
@@ -43,26 +43,32 @@ def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagat
                 epoch: int, opt: torch.optim.Optimizer, sc, n_steps: int, world: World | None = None,
                 stage: str = "student") -> tuple[dict[str, float], float]:
     """One pass over this rank's epoch samples; (mean loss parts, seconds spent waiting for KD data)."""
+    world = world or World()
     te = time.perf_counter()
     ranking, teacher_items, has_teacher = kd.epoch(epoch)
     wait_s = time.perf_counter() - te
     student.train()
     project = has_teacher and bool(teacher_items) and sc.lambda_emb > 0
     sums: dict[str, float] = {}
+    user_base = student.base_embeddings()[0]
     for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
         part = ranking.slice(lo, hi)
         outs = module(graph, project=project)
-        user_emb, item_emb = outs[0], outs[1]
+        # item-side tables whole (one exchange when partitioned): the batch indexes items by id
+        whole = graph.gather_items(outs[1], *(outs[2:3] if project else []), student.base_embeddings()[1])
         loss, parts = student_loss(
-            user_emb, item_emb, student.base_embeddings(), outs[2] if project else None,
+            outs[0], whole[0], [user_base, whole[-1]], whole[1] if project else None,
             torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
             torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
             teacher=part if has_teacher else None, teacher_items=teacher_items)
+        share = world.batch_share(hi - lo)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted_loss(loss, share, hi - lo).backward()
+        world.sync_gradients(student)
         opt.step()
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v / n_steps
+            sums[k] = sums.get(k, 0.0) + (v * share if hi > lo else 0.0) / n_steps
+    sums = world.reduce_sums(sums)
     return sums, wait_s
 
 
@@ -82,7 +88,7 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
     validator = Validator(data, world)
     stopper = EarlyStopper(patience=sc.patience, smooth_window=sc.smooth_window)
     loop = Resumable(stage, student, {"opt": opt}, stopper, extra=kd if kd_state is None else kd_state,
-                     rank=world.rank, progress_dir=progress_dir, log=log)
+                     rank=world.rank, progress_dir=progress_dir, log=log, world=world)
     start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, sc.batch_size)
     t0 = time.perf_counter()
@@ -96,7 +102,7 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
         with torch.no_grad():
             user_emb, item_emb = student(graph)
         if (epoch + 1) % sc.eval_every == 0 or epoch == sc.epochs - 1:
-            val = validator(user_emb, item_emb, "val")
+            val = validator(user_emb, graph.gather_items(item_emb)[0], "val")
             row["val"] = val
             if stopper.update(epoch, val):
                 best_state = copy.deepcopy(student.state_dict())

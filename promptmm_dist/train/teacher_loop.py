@@ -26,7 +26,7 @@ from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import teacher_loss
+from promptmm_dist.train.steps import gather_item_side, teacher_loss, weighted_loss
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
 
@@ -34,30 +34,40 @@ EpochSamples = Callable[[int], SampleBatch]
 Report = Callable[[dict, LoopState], None]
 
 
-def prepare_features(features: dict[str, np.ndarray], how: str) -> dict[str, np.ndarray]:
+def prepare_features(features: dict[str, np.ndarray], how: str,
+                     stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
     """Per-modality feature scaling: raw scales differ by orders of magnitude (Tiktok image rows have
-    norm ~33, Last.fm VGGish ~1,500, MiniLM text 1), which would let one modality dominate."""
+    norm ~33, Last.fm VGGish ~1,500, MiniLM text 1), which would let one modality dominate.
+    `stats`: per-modality column (mean, sd) over all items, for a process that holds only some rows."""
     if how == "none":
         return features
     if how != "standardize":
         raise ValueError(f"unknown teacher.feature_norm {how!r} (standardize | none)")
     out = {}
     for m, x in features.items():
-        mu, sd = x.mean(axis=0, keepdims=True), x.std(axis=0, keepdims=True)
+        mu, sd = stats[m] if stats is not None else (x.mean(axis=0, keepdims=True), x.std(axis=0, keepdims=True))
         out[m] = ((x - mu) / np.where(sd > 1e-8, sd, 1.0)).astype(np.float32)
     return out
 
 
 def build_teacher(data: InteractionData, cfg: Config, cache_folder=None) -> PromptMMTeacher:
-    """Teacher + prompt module for a dataset (hard tokens cached per dataset and size)."""
-    torch.manual_seed(cfg.seed)
+    """Teacher + prompt module for a whole dataset (hard tokens cached per dataset and size)."""
     tokens = cached_hard_tokens(data.features, cfg.teacher.embed_dim, cache_folder, data.manifest_sha256)
-    prompt = PromptModule(tokens, data.train_csr, dropout=cfg.prompt.prompt_dropout)
-    features = prepare_features(data.features, cfg.teacher.feature_norm)
+    return assemble_teacher(cfg, data.n_users, data.n_items, prepare_features(data.features, cfg.teacher.feature_norm),
+                            tokens, data.train_csr)
+
+
+def assemble_teacher(cfg: Config, n_users: int, n_items: int, features: dict[str, np.ndarray],
+                     item_tokens: np.ndarray, train_rows, items: np.ndarray | None = None) -> PromptMMTeacher:
+    """The configured backbone over the rows a process holds: `n_users` users whose training rows are
+    `train_rows` (columns: all items), `n_items` items (`items`: which, default all) with their
+    (scaled) `features`; `item_tokens`: every item's hard tokens."""
+    torch.manual_seed(cfg.seed)
+    prompt = PromptModule(item_tokens, train_rows, dropout=cfg.prompt.prompt_dropout, items=items)
     if cfg.teacher.backbone not in TEACHERS:
         raise ConfigError(f"teacher.backbone {cfg.teacher.backbone!r}: unknown (known: {', '.join(TEACHERS)})")
     backbone = TEACHERS[cfg.teacher.backbone]
-    return backbone(data.n_users, data.n_items, features, prompt, cfg.teacher, cfg.prompt, data.train_csr)
+    return backbone(n_users, n_items, features, prompt, cfg.teacher, cfg.prompt)
 
 
 @dataclass
@@ -72,7 +82,7 @@ class StageResult:
 
 
 def split_steps(samples: SampleBatch, n_steps: int) -> list[SampleBatch]:
-    """Same number of steps on every rank (DDP needs matching collective calls)."""
+    """Same number of steps on every rank (collectives must match)."""
     idx = np.array_split(np.arange(len(samples)), n_steps)
     return [SampleBatch(samples.users[i], samples.items[i]) for i in idx]
 
@@ -99,7 +109,7 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
     validator = Validator(data, world)
     stopper = EarlyStopper(patience=tc.patience)
     loop = Resumable("teacher", teacher, {"opt": opt}, stopper, rank=world.rank,
-                     progress_dir=progress_dir, log=log)
+                     progress_dir=progress_dir, log=log, world=world)
     start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, tc.batch_size)
     t0 = time.perf_counter()
@@ -108,23 +118,29 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
         te = time.perf_counter()
         teacher.train()
         sums: dict[str, float] = {}
-        for batch in progress(split_steps(epoch_samples(epoch), n_steps), f"teacher epoch {epoch}", world):
-            out = module(graph)
-            users = torch.from_numpy(batch.users)
-            items = torch.from_numpy(batch.items)
-            loss, parts = teacher_loss(out, teacher.base_embeddings(), users, items, tc, cfg.prompt)
+        samples = epoch_samples(epoch)  # a rank's steps already split, or one batch to split here
+        steps = samples if isinstance(samples, list) else split_steps(samples, n_steps)
+        for batch in progress(steps, f"teacher epoch {epoch}", world):
+            out, item_base = gather_item_side(module(graph), teacher.base_embeddings()[1], graph)
+            users = torch.from_numpy(np.asarray(batch.users, dtype=np.int64))
+            items = torch.from_numpy(np.asarray(batch.items, dtype=np.int64))
+            loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, tc, cfg.prompt)
+            share = world.batch_share(len(batch))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            weighted_loss(loss, share, len(batch)).backward()
+            world.sync_gradients(teacher)
             opt.step()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v / n_steps
+                sums[k] = sums.get(k, 0.0) + (v * share if len(batch) else 0.0) / n_steps
+        sums = world.reduce_sums(sums)
         train_s = time.perf_counter() - te
         row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()}, "train_s": train_s}
         if (epoch + 1) % tc.eval_every == 0 or epoch == tc.epochs - 1:
             teacher.eval()
             with torch.no_grad():
                 out = teacher(graph)
-            val = validator(out.user, out.item, "val")
+                item = graph.gather_items(out.item)[0]
+            val = validator(out.user, item, "val")
             row.update({"val": val, "epoch_s": time.perf_counter() - te})
             if stopper.update(epoch, val):
                 best_state = copy.deepcopy(teacher.state_dict())

@@ -1,6 +1,6 @@
-"""Ray Train worker loop of the teacher stage: DDP over BPR mini-batches (full-graph forward on
-each rank), samples from this rank's InteractionShard actors, validation selection, checkpoints
-through ray.train.report."""
+"""Ray Train worker loop of the teacher stage: partitioned execution (each rank holds its users',
+items' and adjacency rows; see promptmm_dist.partition), samples from this rank's InteractionShard
+actors, validation selection, checkpoints through ray.train.report."""
 
 from __future__ import annotations
 
@@ -10,60 +10,58 @@ import numpy as np
 import torch
 
 from promptmm_dist.config import config_from_dict
-from promptmm_dist.data.graph import GraphPropagator
-from promptmm_dist.data.sampling import SampleBatch
+from promptmm_dist.data.sampling import SampleBatch, join_steps
 from promptmm_dist.distill.local_kd import epoch_seed
+from promptmm_dist.partition.plan import rank_shards
+from promptmm_dist.partition.rank_data import RankData
 from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.state import LoopState, latest_state
-from promptmm_dist.train.teacher_loop import build_teacher, fit_teacher
-from promptmm_dist.train.world import World
+from promptmm_dist.train.teacher_loop import fit_teacher, steps_per_epoch
+
+__all__ = ["rank_shards", "shard_epoch_steps", "teacher_train_loop"]
 
 
-def rank_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
-    """Shards a rank trains on: k % world_size == rank (every shard exactly once)."""
-    return [k for k in range(num_shards) if k % world_size == rank]
-
-
-def shard_epoch_samples(shards: list, mine: list[int], n_neg: int, seed: int, epoch: int) -> SampleBatch:
+def shard_epoch_steps(shards: list, mine: list[int], n_neg: int, seed: int, epoch: int, n_steps: int,
+                      rd: RankData | None = None) -> list[SampleBatch]:
+    """This rank's step batches: step t joins slice t of each of its shards' shuffled epoch samples, so
+    the global batch of step t (all ranks together) is the same set of samples for any number of ranks.
+    With `rd`, ids are turned into the rank's numbering (local user rows, gathered item positions)."""
     import ray
 
     parts = ray.get([shards[k].epoch_samples.remote(n_neg, epoch_seed(seed, epoch, k)) for k in mine])
-    if len(parts) == 1:
-        return parts[0]
-    order = np.random.default_rng(epoch_seed(seed, epoch, 20_000)).permutation(sum(len(p) for p in parts))
-    return SampleBatch(np.concatenate([p.users for p in parts])[order],
-                       np.concatenate([p.items for p in parts])[order])
+    steps = join_steps(parts, n_steps)
+    return steps if rd is None else [SampleBatch(*rd.local_ids(b.users, b.items)) for b in steps]
 
 
 def teacher_train_loop(config: dict) -> None:
-    import ray
     import ray.train
-    import ray.train.torch
+
+    from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
+    from promptmm_dist.ray_setup import make_reporter
 
     ctx = ray.train.get_context()
-    world = World(ctx.get_world_rank(), ctx.get_world_size())
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     cfg = config_from_dict(config["cfg"])
-    data = ray.get(config["data_ref"])
-    graph = GraphPropagator(ray.get(config["adj_ref"]), data.n_users, data.n_items)
-    teacher = build_teacher(data, cfg, cache_folder=config.get("token_cache"))
-    module = ray.train.torch.prepare_model(teacher, move_to_device=False) if world.world_size > 1 else teacher
+    spec = config["dataset"]
+    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, cfg.teacher.norm, cfg.dist.exchange)
+    teacher = build_rank_teacher(rd, cfg, config.get("token_cache"))
     shards = config["shards"]
-    mine = rank_shards(len(shards), world.rank, world.world_size)
+    mine = rank_shards(len(shards), rank, size)
+    n_steps = steps_per_epoch(config["total_pairs"], cfg.teacher.batch_size)
+    if world.is_main:
+        worker_log(f"teacher: partitioned over {rd.plan.describe()}")
 
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "teacher", state.best if state.best is not None else state.model, cfg,
-                        {"manifest_sha256": data.manifest_sha256, "dataset": data.name})
-
-    from promptmm_dist.ray_setup import make_reporter
+                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
 
     resume = latest_state(config.get("resume_from"))
-    report = make_reporter(files, world.rank, config.get("resume_mirror"), initial=resume)
-    result = fit_teacher(data, cfg, teacher, graph,
-                         lambda e: shard_epoch_samples(shards, mine, 1, cfg.seed, e),
-                         config["total_pairs"], world=world, train_module=module,
-                         report=report, log=worker_log, resume=resume,
+    report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
+    result = fit_teacher(rd.local, cfg, teacher, graph,
+                         lambda e: shard_epoch_steps(shards, mine, 1, cfg.seed, e, n_steps, rd),
+                         config["total_pairs"], world=world, report=report, log=worker_log, resume=resume,
                          progress_dir=config.get("progress_dir"))
     # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,
     # whose teacher.pt holds the selected (best validation) weights

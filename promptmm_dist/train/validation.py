@@ -17,7 +17,8 @@ class Validator:
         self.data = EvalData.from_data(data, ("val", "test"))  # masks built once, reused every epoch
         self.world = world or World()
         all_users = np.arange(data.n_users)
-        self.users = all_users[all_users % self.world.world_size == self.world.rank]
+        # partitioned: `data` holds this rank's users only; replicated: every rank ranks every W-th user
+        self.users = all_users if self.world.partitioned else all_users[all_users % self.world.world_size == self.world.rank]
         self.keys = metric_keys()
 
     @torch.no_grad()

@@ -1,7 +1,9 @@
 """The process group a training loop runs in: one process locally, W ranks under Ray Train.
 
-Loops only ever ask for their rank, the world size and an all-reduce of a tensor, so the same loop
-runs in the driver (Train local mode, `num_workers=0`) and in DDP workers.
+Loops ask for their rank, the world size, reductions, a rank's share of the global batch and a
+gradient sync; here (one process, whole tables) those are no-ops. The partitioned world
+(`partition.world.PartitionedWorld`) implements them over W ranks, so the same loop runs in one
+process and on W ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 class World:
     rank: int = 0
     world_size: int = 1
+    partitioned = False  # tables are whole here
 
     @classmethod
     def current(cls) -> "World":
@@ -35,3 +38,27 @@ class World:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def batch_share(self, n_local: int) -> float:
+        """Weight of this process's mean batch loss in the global batch's loss."""
+        return 1.0
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        """Make the replicated parameters' gradients the global batch's (nothing to do here)."""
+
+    def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        return sums
+
+    def full_state_dict(self, state: dict) -> dict | None:
+        """The whole model's state (checkpoints); the same dict here."""
+        return state
+
+    def local_state_dict(self, state: dict) -> dict:
+        """This process's rows of a whole model's state (resume); the same dict here."""
+        return state
+
+    def full_optimizer_state(self, state: dict, names: dict[int, str]) -> dict | None:
+        return state
+
+    def local_optimizer_state(self, state: dict, names: dict[int, str]) -> dict:
+        return state

@@ -213,7 +213,7 @@ class TeacherHub:
 
         self.data_ref = data_box[0]
         self.data = ray.get(self.data_ref)
-        self.shared = shared  # {"shards": [...], "adj_refs": {norm: [ref]}}
+        self.shared = shared  # {"shards": [...], "adj_refs": {norm: [ref]}, "dataset": spec}
         self.folder = Path(folder)
         self.plan = plan
         self._lock = threading.Lock()
@@ -275,8 +275,7 @@ class TeacherHub:
         (out / "config.yaml").write_text(cfg.to_yaml())
         log(f"tune: training teacher {sig} (first needed by trial {trial})")
         t0 = time.perf_counter()
-        shared = {"shards": self.shared["shards"], "data_ref": self.data_ref,
-                  "adj_refs": {k: v[0] for k, v in self.shared["adj_refs"].items()}}
+        shared = {"shards": self.shared["shards"], "data_ref": self.data_ref, "dataset": self.shared["dataset"]}
         run = DistributedRun(self.data, cfg, out, shared=shared)
         run.cpus = self.plan["cpus_per_worker"]
         folder, meta = run.train_teacher()

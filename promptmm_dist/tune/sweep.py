@@ -119,7 +119,7 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
     from promptmm_dist.data.formats import load_dataset
     from promptmm_dist.data.graph import normalized_adjacency
     from promptmm_dist.data.shards import make_shard_actors
-    from promptmm_dist.distributed import canonical_parquet
+    from promptmm_dist.partition.setup import dataset_spec
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,8 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
         + (f"; teacher-stage keys from a pool of {len(pool)} settings" if pool else ""))
 
     # shared once by every trial: shard actors, data and graph in the object store, the hub
-    parquet = canonical_parquet(data, base, out)
+    dataset = dataset_spec(data, base.data.path, out)
+    parquet = Path(dataset["dir"]) / "interactions.parquet"
     shards = make_shard_actors(parquet, base.dist.num_shards, data.n_users, data.n_items, cpus=0)
     info = ray.get([s.info.remote() for s in shards])
     data_ref = ray.put(data)
@@ -166,11 +167,11 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
     adj_refs = {n: [ray.put(normalized_adjacency(data.train_csr, n))] for n in norms}
     name = hub_name(out)
     hub = ray.remote(num_cpus=0, max_concurrency=64)(TeacherHub).options(
-        name=name, namespace=NAMESPACE).remote([data_ref], {"shards": shards, "adj_refs": adj_refs},
+        name=name, namespace=NAMESPACE).remote([data_ref], {"shards": shards, "adj_refs": adj_refs, "dataset": dataset},
                                                str(out / "teachers"), plan)
     ray.get(hub.info.remote())
     spec = {"hub": name, "plan": plan, "pool": pool, "base": base.to_dict(), "manifest": data.manifest_sha256,
-            "folder": str(out), "data": [data_ref], "shards": shards, "adj_refs": adj_refs,
+            "folder": str(out), "data": [data_ref], "shards": shards, "adj_refs": adj_refs, "dataset": dataset,
             "total_pairs": int(sum(i["train_pairs"] for i in info))}
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": TRIAL_CPU})
     point = S.default_point(space, pool, base) if space.options["include_default"] else None

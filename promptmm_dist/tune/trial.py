@@ -84,7 +84,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         shared_cache, trial, lambda: worker_cls.remote(data_ref, cfg_dict, ckpt),
         spec["shards"], [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
         cfg.prompt.refresh_epochs, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
-    loop_config = {"cfg": cfg_dict, "data_ref": data_ref, "adj_ref": spec["adj_refs"][cfg.student.norm][0],
+    loop_config = {"cfg": cfg_dict, "dataset": spec["dataset"],
                    "total_pairs": spec["total_pairs"], "threads": ray_setup.torch_threads(plan["cpus_per_worker"]),
                    "token_cache": str(hard_token_dir()), "num_shards": len(spec["shards"]),
                    "directory": directory}

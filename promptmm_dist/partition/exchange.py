@@ -1,0 +1,130 @@
+"""The collectives partitioned execution needs, as autograd functions (gloo on CPU, NCCL on GPU).
+
+Each forward collective has the matching reduction as its backward, so a rank's loss sends the gradient
+of every row it borrowed back to the row's owner:
+
+- `fetch_rows`: the rows of a row-partitioned block that this rank needs from each peer
+  (all_to_all_single); backward returns the gradients of those rows to their owners, summed there.
+- `gather_rows`: a whole row-partitioned table on every rank (all_gather); backward reduce-scatters.
+- `sum_over_ranks`: an all-reduce sum; backward all-reduces the gradient.
+
+With one rank every function is the identity and no collective is called (no process group needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class RowRoutes:
+    """Which local rows go to which peer, and how many rows come back from each peer.
+
+    send_index: local rows to send, grouped by destination rank in rank order (self: none);
+    send_counts / recv_counts: rows per peer (W,) as Python ints (collective split sizes)."""
+
+    n_local: int
+    send_index: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+
+    def to(self, device: torch.device) -> "RowRoutes":
+        return RowRoutes(self.n_local, self.send_index.to(device), self.send_counts, self.recv_counts)
+
+    @property
+    def rows_received(self) -> int:
+        return sum(self.recv_counts)
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(self.send_counts)
+
+
+def _all_to_all(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> torch.Tensor:
+    out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts)
+    return out
+
+
+class _FetchRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, routes: RowRoutes) -> torch.Tensor:  # noqa: ANN001
+        ctx.routes = routes
+        return _all_to_all(x[routes.send_index], routes.recv_counts, routes.send_counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        r: RowRoutes = ctx.routes
+        back = _all_to_all(grad, r.send_counts, r.recv_counts)
+        out = grad.new_zeros((r.n_local,) + tuple(grad.shape[1:]))
+        out.index_add_(0, r.send_index, back)
+        return out, None
+
+
+def fetch_rows(x: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
+    """Rows this rank needs from its peers (in peer order, each peer's rows as routed)."""
+    return _FetchRows.apply(x, routes)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.counts, ctx.rank = counts, rank
+        width = max(counts)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        out = x.new_empty((width * len(counts),) + tuple(x.shape[1:]))
+        dist.all_gather_into_tensor(out, padded)
+        return torch.cat([out[s * width: s * width + n] for s, n in enumerate(counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        counts, width = ctx.counts, max(ctx.counts)
+        blocks = list(torch.split(grad.contiguous(), counts))
+        padded = [torch.nn.functional.pad(b, (0, 0) * (grad.dim() - 1) + (0, width - b.shape[0])) for b in blocks]
+        out = grad.new_empty((width,) + tuple(grad.shape[1:]))
+        dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM)
+        return out[: counts[ctx.rank]], None, None
+
+
+def gather_rows(x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+    """Concatenation of every rank's block (rank order); `counts` = rows per rank."""
+    if len(counts) == 1:
+        return x
+    return _GatherRows.apply(x, counts, rank)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+def sum_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Sum of x over ranks, differentiable (each rank's loss reaches every rank's input)."""
+    return x if world_size == 1 else _SumOverRanks.apply(x)
+
+
+def exchange_lists(lists: list[torch.Tensor], world_size: int) -> list[torch.Tensor]:
+    """Send lists[s] to rank s, receive what each peer sent to this rank (setup-time helper)."""
+    if world_size == 1:
+        return list(lists)
+    send_counts = [int(x.shape[0]) for x in lists]
+    counts = torch.tensor(send_counts, dtype=torch.int64, device=lists[0].device)
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts)
+    recv_counts = [int(c) for c in recv.tolist()]
+    payload = torch.cat(lists) if lists else torch.zeros(0)
+    out = _all_to_all(payload, recv_counts, send_counts)
+    return list(torch.split(out, recv_counts))

@@ -1,0 +1,137 @@
+"""A sparse matrix whose rows this rank owns, times a dense block whose rows are spread over ranks.
+
+`PartitionedSpMM(x_local)`: fetch the input rows the local matrix rows touch from their owners
+(`exchange.fetch_rows`), append them to the rank's own rows ("halo"), multiply locally. Backward is the
+local transpose product followed by the reverse exchange, so input gradients land on the owners.
+
+Two routing modes: `needed` (only the rows some local matrix row reads: less traffic at large W) and
+`all` (every peer row: the all-gather cost model, kept for measurement).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, fetch_rows
+
+
+class LocalSparse:
+    """A local CSR matrix and its transpose, multiplied with autograd on CPU (scipy) or a device
+    (torch sparse CSR); the transpose is built once, never per backward."""
+
+    def __init__(self, m: sp.csr_matrix) -> None:
+        self.csr = m.astype(np.float32).tocsr()
+        self.csr.sort_indices()
+        self.csr_t = self.csr.T.tocsr()
+        self.csr_t.sort_indices()
+        self._device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.csr.shape
+
+    @property
+    def nnz(self) -> int:
+        return self.csr.nnz
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._device:
+            self._device[key] = (torch_csr(self.csr).to(device), torch_csr(self.csr_t).to(device))
+        return self._device[key]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            x = x.float()
+        return _SparseProduct.apply(x, self)
+
+
+def torch_csr(m: sp.csr_matrix) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                       torch.from_numpy(m.indices.astype(np.int64)),
+                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape,
+                                       check_invariants=False)
+
+
+class _SparseProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: LocalSparse) -> torch.Tensor:  # noqa: ANN001
+        ctx.m = m
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.asarray(m.csr @ x.detach().contiguous().numpy()))
+        return m.on(x.device)[0] @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        m: LocalSparse = ctx.m
+        if grad.device.type == "cpu":
+            return torch.from_numpy(np.asarray(m.csr_t @ grad.contiguous().numpy())), None
+        return m.on(grad.device)[1] @ grad, None
+
+
+class PartitionedSpMM:
+    """y = A x for the rows of A this rank owns; x is row-partitioned (`in_counts[s]` rows on rank s).
+
+    Built collectively (every rank constructs its own at the same time): the nonzeros are given as
+    local output rows, and (owner rank, row on the owner) of their input columns."""
+
+    def __init__(self, rows: np.ndarray, col_owner: np.ndarray, col_row: np.ndarray, vals: np.ndarray,
+                 n_out: int, in_counts: list[int], rank: int, world_size: int, mode: str = "needed") -> None:
+        if mode not in ("needed", "all"):
+            raise ValueError(f"unknown exchange mode {mode!r} (needed | all)")
+        self.rank, self.world_size, self.mode = rank, world_size, mode
+        col_owner = np.asarray(col_owner, dtype=np.int64)
+        col_row = np.asarray(col_row, dtype=np.int64)
+        n_in = int(in_counts[rank])
+        need: list[np.ndarray] = []
+        for s in range(world_size):
+            if s == rank:
+                need.append(np.zeros(0, np.int64))
+            elif mode == "all":
+                need.append(np.arange(int(in_counts[s]), dtype=np.int64))
+            else:
+                need.append(np.unique(col_row[col_owner == s]))
+        asked = exchange_lists([torch.from_numpy(n) for n in need], world_size)  # my rows each peer needs
+        recv_counts = [len(n) for n in need]
+        self.routes = RowRoutes(n_in, torch.cat(asked).long() if asked else torch.zeros(0, dtype=torch.long),
+                                [int(a.shape[0]) for a in asked], recv_counts)
+        halo_start = n_in + np.concatenate([[0], np.cumsum(recv_counts)[:-1]]).astype(np.int64)
+        ext_col = np.empty(len(col_row), dtype=np.int64)
+        own = col_owner == rank
+        ext_col[own] = col_row[own]
+        for s in range(world_size):
+            if s != rank:
+                m = col_owner == s
+                ext_col[m] = halo_start[s] + np.searchsorted(need[s], col_row[m])
+        n_ext = n_in + sum(recv_counts)
+        a = sp.csr_matrix((np.asarray(vals, np.float32), (np.asarray(rows, np.int64), ext_col)),
+                          shape=(n_out, n_ext))
+        a.sum_duplicates()
+        self.local = LocalSparse(a)
+        self._device_routes: dict[str, RowRoutes] = {}
+        self.calls = 0
+        self.values_received = 0  # floats fetched from peers, all calls (bench: bytes exchanged per hop)
+
+    @property
+    def n_out(self) -> int:
+        return self.local.shape[0]
+
+    def routes_on(self, device: torch.device) -> RowRoutes:
+        key = str(device)
+        if key not in self._device_routes:
+            self._device_routes[key] = self.routes.to(device)
+        return self._device_routes[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.world_size == 1:
+            return self.local @ x
+        halo = fetch_rows(x, self.routes_on(x.device))
+        self.values_received += int(halo.numel())
+        return self.local @ torch.cat([x, halo])

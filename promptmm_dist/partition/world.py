@@ -1,0 +1,143 @@
+"""`PartitionedWorld`: the process group of a partitioned run, as the training loops see it.
+
+The loops ask the world for three things besides rank and size, all no-ops in one process:
+- `batch_share(n)`: this rank's share of the global batch, so the sum of the ranks' weighted losses is
+  the loss of the whole global batch (ranks draw unequal numbers of samples per step);
+- `sync_gradients(model)`: sum the replicated (dense) modules' gradients over ranks. Embedding tables
+  are sharded: their rows already received every rank's gradient through the exchanges' backward, so
+  they are never all-reduced (no dense (U+I) x d gradient traffic);
+- `reduce_sums(d)`: a dict of per-rank partial sums summed over ranks (loss parts).
+`full_table`/`local_table` turn a sharded table into whole rows (checkpoints, on rank 0) and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from promptmm_dist.partition.plan import PartitionPlan
+from promptmm_dist.train.world import World
+
+# parameter name -> which rows it has: what is sharded, not how the model uses it (TorchRec-style plan)
+SHARDED_TABLES = {"user_emb.weight": "user", "item_emb.weight": "item"}
+ROW_INIT_STD = 0.1  # both models draw their tables from N(0, 0.1^2)
+INIT_CHUNK = 4096
+
+
+class PartitionedWorld(World):
+    partitioned = True
+
+    def __init__(self, rank: int, world_size: int, plan: PartitionPlan, device: torch.device | None = None) -> None:
+        super().__init__(rank, world_size)
+        self.plan = plan
+        self.device = device or torch.device("cpu")
+        self.rows = {"user": plan.users_of(rank), "item": plan.items_of(rank)}
+        self.totals = {"user": plan.n_users, "item": plan.n_items}
+        self.counts = {"user": [int(c) for c in plan.user_counts], "item": [int(c) for c in plan.item_counts]}
+
+    # ---- per step -----------------------------------------------------------------------------
+    def batch_share(self, n_local: int) -> float:
+        if self.world_size == 1:
+            return 1.0
+        total = torch.tensor([float(n_local)], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(n_local) / max(float(total), 1.0)
+
+    def sync_gradients(self, model: torch.nn.Module) -> None:
+        if self.world_size == 1:
+            return
+        dense = [p for name, p in model.named_parameters() if name not in SHARDED_TABLES and p.requires_grad]
+        if not dense:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
+        dist.all_reduce(flat)
+        at = 0
+        for p in dense:
+            n = p.numel()
+            p.grad = flat[at:at + n].view_as(p).clone()
+            at += n
+
+    def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not sums:
+            return sums
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(vec)
+        return {k: float(v) for k, v in zip(keys, vec)}
+
+    # ---- tables -------------------------------------------------------------------------------
+    def init_tables(self, model: torch.nn.Module, seed: int) -> None:
+        """Re-draw the sharded tables so every row's initial value depends on (seed, table, global id)
+        only: W ranks start from the same model as one process."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, kind in SHARDED_TABLES.items():
+                if name in params:
+                    params[name].copy_(row_seeded_normal(self.rows[kind], params[name].shape[1], seed, name))
+
+    def full_table(self, local: torch.Tensor, kind: str) -> torch.Tensor | None:
+        """The whole table in global id order on rank 0 (None elsewhere). Collective."""
+        if self.world_size == 1:
+            out = torch.empty((self.totals[kind],) + tuple(local.shape[1:]), dtype=local.dtype)
+            out[torch.from_numpy(self.rows[kind])] = local.detach().cpu()
+            return out
+        counts = self.counts[kind]
+        width = max(counts)
+        padded = local.new_zeros((width,) + tuple(local.shape[1:]))
+        padded[: local.shape[0]] = local.detach()
+        bufs = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
+        dist.gather(padded, bufs, dst=0)
+        if self.rank != 0:
+            return None
+        out = torch.empty((self.totals[kind],) + tuple(local.shape[1:]), dtype=local.dtype)
+        for s, n in enumerate(counts):
+            ids = self.plan.users_of(s) if kind == "user" else self.plan.items_of(s)
+            out[torch.from_numpy(ids)] = bufs[s][:n].cpu()
+        return out
+
+    def local_table(self, full: torch.Tensor, kind: str) -> torch.Tensor:
+        return full[torch.from_numpy(self.rows[kind])].clone()
+
+    def full_state_dict(self, state: dict) -> dict | None:
+        out = {}
+        for k, v in state.items():
+            out[k] = self.full_table(v, SHARDED_TABLES[k]) if k in SHARDED_TABLES else v
+        return out if self.rank == 0 else None
+
+    def local_state_dict(self, state: dict) -> dict:
+        return {k: self.local_table(v, SHARDED_TABLES[k]) if k in SHARDED_TABLES else v for k, v in state.items()}
+
+    def full_optimizer_state(self, state: dict, names: dict[int, str]) -> dict | None:
+        """An optimizer's state_dict with the sharded parameters' moments made whole (rank 0)."""
+        per_param = {}
+        for idx in sorted(state["state"]):
+            entry = state["state"][idx]
+            kind = SHARDED_TABLES.get(names.get(idx, ""))
+            per_param[idx] = {k: (self.full_table(v, kind) if kind and torch.is_tensor(v) and v.dim() == 2 else v)
+                              for k, v in entry.items()}
+        return {"state": per_param, "param_groups": state["param_groups"]} if self.rank == 0 else None
+
+    def local_optimizer_state(self, state: dict, names: dict[int, str]) -> dict:
+        per_param = {}
+        for idx, entry in state["state"].items():
+            kind = SHARDED_TABLES.get(names.get(int(idx), ""))
+            per_param[idx] = {k: (self.local_table(v, kind) if kind and torch.is_tensor(v) and v.dim() == 2 else v)
+                              for k, v in entry.items()}
+        return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+def row_seeded_normal(ids: np.ndarray, dim: int, seed: int, table: str) -> torch.Tensor:
+    """N(0, ROW_INIT_STD^2) rows for global `ids`, each drawn from the generator of its id chunk."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = torch.empty((len(ids), dim), dtype=torch.float32)
+    chunk = ids // INIT_CHUNK
+    tag = int(hashlib.sha256(table.encode()).hexdigest()[:8], 16)
+    for c in np.unique(chunk):
+        where = np.flatnonzero(chunk == c)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + tag * 7919 + int(c)) % (2**63 - 1))
+        block = torch.randn((INIT_CHUNK, dim), generator=gen) * ROW_INIT_STD
+        out[torch.from_numpy(where)] = block[torch.from_numpy(ids[where] % INIT_CHUNK)]
+    return out

@@ -1,0 +1,117 @@
+"""Partitioned execution (DESIGN 3, v2): W ranks own blocks of users, items, adjacency and embedding
+rows, and compute what one process computes. Ranks run as real gloo processes (no Ray needed for the
+math); the Ray Train path is covered end to end in test_distributed.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from promptmm_dist.config import Config
+from promptmm_dist.data.formats import load_dataset
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.subset import subset_first_users
+from promptmm_dist.partition.checks import propagation_rank, teacher_curve_rank
+from promptmm_dist.partition.group import run_group
+from promptmm_dist.partition.plan import PartitionPlan, balanced_owner
+from promptmm_dist.partition.setup import dataset_spec
+from promptmm_dist.partition.world import row_seeded_normal
+
+
+@pytest.fixture(scope="module")
+def subset(tiktok_path, tmp_path_factory):
+    """600 real Tiktok users (all their items), as a canonical folder the ranks read."""
+    data = subset_first_users(load_dataset(tiktok_path), 600)
+    return data, dataset_spec(data, "subset", tmp_path_factory.mktemp("part"))
+
+
+def test_plan_gives_every_user_and_item_one_owner_and_balances_item_degree():
+    rng = np.random.default_rng(0)
+    degree = rng.zipf(1.8, size=1000).clip(max=500)
+    plan = PartitionPlan.build(world_size=3, num_shards=5, n_users=777, item_degree=degree)
+    users = np.concatenate([plan.users_of(r) for r in range(3)])
+    items = np.concatenate([plan.items_of(r) for r in range(3)])
+    assert sorted(users.tolist()) == list(range(777)) and sorted(items.tolist()) == list(range(1000))
+    for r in range(3):  # a user's owner and row are arithmetic and agree with the rank's list
+        own = plan.users_of(r)
+        assert (plan.user_owner(own) == r).all()
+        assert (plan.local_user(own) == np.arange(len(own))).all()
+        assert (plan.local_item(plan.items_of(r)) == np.arange(len(plan.items_of(r)))).all()
+    loads = np.array([degree[plan.items_of(r)].sum() for r in range(3)])
+    assert loads.max() / loads.mean() < 1.02, loads  # by degree, not just by count
+    assert plan.item_counts.max() - plan.item_counts.min() <= 1
+    # one rank, one shard: the numbering is the global ids
+    one = PartitionPlan.build(1, 1, 50, degree[:20])
+    assert (one.users_of(0) == np.arange(50)).all() and (one.gathered_items == np.arange(20)).all()
+
+
+def test_item_dealing_is_deterministic_and_respects_the_count_cap():
+    assert balanced_owner(np.ones(6, int), 2).tolist() == [0, 1, 0, 1, 0, 1]
+    owner = balanced_owner(np.array([100, 1, 1, 1, 1, 1]), 2)  # the heavy item alone cannot fill a rank
+    assert np.bincount(owner).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("exchange", ["needed", "all"])
+def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subset, exchange):
+    data, spec = subset
+    d, layers = 8, 2
+    u_n, i_n = data.n_users, data.n_items
+    graph = GraphPropagator.from_train(data.train_csr, "sym")
+    xu = row_seeded_normal(np.arange(u_n), d, 1, "x_user").requires_grad_()
+    xi = row_seeded_normal(np.arange(i_n), d, 1, "x_item").requires_grad_()
+    wu = row_seeded_normal(np.arange(u_n), d, 2, "w_user")
+    wi = row_seeded_normal(np.arange(i_n), d, 2, "w_item")
+    x = torch.cat([xu, xi])
+    hop, mean, umean = graph.propagate(x), graph.layer_mean(x, layers), graph.user_item_mean(xi)
+    total = graph.sum_items(xi.t() @ xi)
+    loss = ((hop[:u_n] * wu).sum() + (hop[u_n:] * wi).sum() + (mean[:u_n] * wu).sum() * 0.5
+            + (mean[u_n:] * wi).sum() * 0.5 + (umean * wu).sum() * 0.25 + (xi * wi).sum() * 0.1 + total.sum() * 1e-3)
+    loss.backward()
+    ranks = run_group(propagation_rank, 2, spec, 4, "sym", exchange, d, layers)
+
+    def close(got: np.ndarray, want: torch.Tensor) -> None:
+        want = want.detach().numpy()
+        assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+    assert sorted(np.concatenate([r["users"] for r in ranks]).tolist()) == list(range(u_n))
+    for r in ranks:
+        u, i = r["users"], r["items"]
+        assert 0 < len(u) < u_n and 0 < len(i) < i_n  # nobody holds everything
+        close(r["hop_user"], hop[:u_n][u])
+        close(r["hop_item"], hop[u_n:][i])
+        close(r["mean_user"], mean[:u_n][u])
+        close(r["mean_item"], mean[u_n:][i])
+        close(r["umean"], umean[u])
+        close(r["gathered"], xi[r["gathered_ids"]])
+        close(r["total"], total)
+        close(r["grad_user"], xu.grad[u])
+        close(r["grad_item"], xi.grad[i])
+    if exchange == "needed":  # only rows some local adjacency row reads: fewer than everyone's rows
+        n_nodes = u_n + i_n
+        assert all(r["values_received"] < (n_nodes - len(r["users"]) - len(r["items"])) * d * (1 + layers)
+                   for r in ranks)
+
+
+def test_two_rank_teacher_follows_the_one_process_loss_curve(subset):
+    """Same global batch and seed: 3 epochs of the real teacher on 2 ranks = on 1 rank, loss and
+    validation, while each rank holds only its rows of the embedding tables."""
+    data, spec = subset
+    cfg = Config()
+    cfg.teacher.epochs, cfg.teacher.embed_dim, cfg.teacher.batch_size = 3, 16, 512
+    cfg.teacher.dropout = 0.0  # dropout masks are drawn per process: off for an exact comparison
+    cfg.prompt.prompt_dropout = 0.0
+    one = run_group(teacher_curve_rank, 1, spec, 4, cfg.to_dict())[0]
+    two = run_group(teacher_curve_rank, 2, spec, 4, cfg.to_dict())
+    assert len(one["history"]) == 3
+    for a, b in zip(one["history"], two[0]["history"]):
+        for k in ("loss_bpr", "loss_modal_bpr", "loss_prompt_bpr"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["epoch"], k)
+        assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-9)
+        assert b["val"]["ndcg@20"] == pytest.approx(a["val"]["ndcg@20"], rel=1e-4)
+    assert one["history"][-1]["loss_bpr"] < one["history"][0]["loss_bpr"]  # it trains
+    rows = [r["shapes"]["user_emb.weight"][0] for r in two]
+    assert sum(rows) == data.n_users and max(rows) < data.n_users
+    assert sum(r["shapes"]["item_emb.weight"][0] for r in two) == data.n_items
