@@ -168,3 +168,38 @@ def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp
 
     fresh = LightGCN(data.n_users, data.n_items, 8, cfg.student.n_layers, teacher_dim=16)
     assert not torch.allclose(fresh.projector.weight, state["projector.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_partitioned_train_workers_train_the_same_model_as_one(tiktok_path, tmp_path, ray_session):
+    """The product path (`run_distributed`: shard actors, Ray Train, the soft-ranking cache with a prompt
+    round): 2 ranks, each holding half the users, items and adjacency rows, against 1 rank with the same
+    2 shards, seed and global batch. Every epoch's losses and validation metrics of both stages, and the
+    exported student, agree within float tolerance (dropout off: its masks are drawn per process)."""
+    data = subset_first_users(load_dataset(tiktok_path), 300)
+    runs = {}
+    for workers in (1, 2):
+        cfg = tiny_config(epochs=3)
+        cfg.teacher.epochs = 2
+        cfg.teacher.dropout = cfg.prompt.prompt_dropout = 0.0
+        cfg.prompt.refresh_epochs, cfg.prompt.round_steps = 1, 2
+        cfg.dist.num_workers, cfg.dist.num_shards = workers, 2
+        out = tmp_path / f"w{workers}"
+        runs[workers] = (run_distributed(data, cfg, out), out)
+    (m1, out1), (m2, out2) = runs[1], runs[2]
+    for stage in ("teacher", "student"):
+        h1, h2 = ([json.loads(x) for x in (o / stage / "history.jsonl").read_text().splitlines()]
+                  for o in (out1, out2))
+        assert len(h1) == len(h2) > 0
+        for a, b in zip(h1, h2):
+            for k in a:
+                if k.startswith("loss_"):
+                    assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (stage, a["epoch"], k)
+            assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-6), (stage, a["epoch"])
+        assert m2[stage]["test"]["recall@20"] == pytest.approx(m1[stage]["test"]["recall@20"], abs=1e-6)
+    s1 = torch.load(out1 / "student" / "student.pt", weights_only=True)
+    s2 = torch.load(out2 / "student" / "student.pt", weights_only=True)
+    for k in ("user_emb.weight", "item_emb.weight"):
+        assert torch.allclose(s1[k], s2[k], atol=1e-4), k
+    assert len(m2["student"]["prompt_rounds"]) == 2

@@ -115,3 +115,28 @@ def test_two_rank_teacher_follows_the_one_process_loss_curve(subset):
     rows = [r["shapes"]["user_emb.weight"][0] for r in two]
     assert sum(rows) == data.n_users and max(rows) < data.n_users
     assert sum(r["shapes"]["item_emb.weight"][0] for r in two) == data.n_items
+
+
+def test_joined_shard_rankings_give_each_step_the_same_samples_on_one_rank_as_on_two():
+    """A rank holding shards 0 and 1 joins their rankings step by step; 2 ranks holding one each cut
+    their own: step t's global batch is the same set of samples either way (and covers every row once)."""
+    from promptmm_dist.train.steps import SoftRanking, join_by_step
+
+    rng = np.random.default_rng(0)
+
+    def ranking(n: int, first_user: int) -> SoftRanking:
+        return SoftRanking(np.arange(first_user, first_user + n), rng.integers(0, 50, (n, 3)),
+                           {"image": rng.standard_normal((n, 3)).astype(np.float16)},
+                           rng.standard_normal((n, 3)).astype(np.float16), rng.standard_normal(n).astype(np.float32))
+
+    parts, n_steps = [ranking(23, 0), ranking(17, 100)], 4
+    one = join_by_step(parts, n_steps)
+    seen = []
+    for t, (lo, hi) in enumerate(one.step_bounds(n_steps)):
+        alone = [p.slice(*p.step_bounds(n_steps)[t]) for p in parts]  # what each of 2 ranks trains at step t
+        want = np.sort(np.concatenate([a.users for a in alone]))
+        assert np.array_equal(np.sort(one.users[lo:hi]), want), t
+        np.testing.assert_array_equal(one.margins[lo:hi][np.argsort(one.users[lo:hi])],
+                                      np.concatenate([a.margins for a in alone])[np.argsort(np.concatenate([a.users for a in alone]))])
+        seen.append(one.users[lo:hi])
+    assert sorted(np.concatenate(seen).tolist()) == list(range(23)) + list(range(100, 117))

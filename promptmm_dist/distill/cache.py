@@ -32,7 +32,7 @@ from promptmm_dist.actor_calls import (DEFAULT_TIMEOUT_S, ActorLost, ActorTimeou
 from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.distill.teacher_workers import PromptState
 from promptmm_dist.errors import RunFailed
-from promptmm_dist.train.steps import SoftRanking
+from promptmm_dist.train.steps import SoftRanking, join_by_step
 
 POLL_S = 1.0  # the producer's directory polls (it also serves recompute requests between them)
 MAX_ASKS = 4  # a rank re-asks for an epoch whose refs were lost at most this often
@@ -411,8 +411,12 @@ class RayCacheKD:
     """Student-rank side of the cache: zero-copy reads of this rank's shards for each epoch."""
 
     def __init__(self, directory, rank: int, shards: list[int], refresh_epochs: int, seed: int,
-                 projector: torch.nn.Module | None = None, timeout_s: float | None = None) -> None:
-        self.directory, self.rank, self.shards = directory, rank, shards
+                 projector: torch.nn.Module | None = None, timeout_s: float | None = None,
+                 n_steps: int | None = None) -> None:
+        """`n_steps`: the epoch's global training steps; given, a rank with several shards joins their
+        rankings step by step (`join_by_step`: the same global batches for any number of ranks), else
+        it concatenates and shuffles them."""
+        self.directory, self.rank, self.shards, self.n_steps = directory, rank, shards, n_steps
         self.refresh, self.seed, self.projector = refresh_epochs, seed, projector
         self.timeout_s = timeout_s
         self.version = -1
@@ -467,7 +471,12 @@ class RayCacheKD:
             except RayError as err:
                 raise self._fail(f"soft-ranking cache, rank {self.rank}: epoch {epoch}: {one_line(err)}") from None
             self._prompt = got["prompt"]
-            ranking = parts[0] if len(parts) == 1 else concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
+            if len(parts) == 1:
+                ranking = parts[0]
+            elif self.n_steps:
+                ranking = join_by_step(parts, self.n_steps)
+            else:
+                ranking = concat_rankings(parts, epoch_seed(self.seed, epoch, 10_000 + self.rank))
             self.directory.consumed.remote(epoch, self.rank, sum(p.nbytes() for p in parts),
                                            sum(len(p) for p in parts))
             return ranking, self._items, True

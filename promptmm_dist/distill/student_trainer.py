@@ -5,6 +5,7 @@ reports/checkpoints through ray.train.report."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.state import LoopState, latest_state
 from promptmm_dist.train.steps import SoftRanking
 from promptmm_dist.train.student_loop import fit_student
+from promptmm_dist.train.teacher_loop import steps_per_epoch
 
 
 class RankKD:
@@ -35,7 +37,7 @@ class RankKD:
     def epoch(self, epoch: int) -> tuple[SoftRanking, dict[str, torch.Tensor] | None, bool]:
         ranking, items, has_teacher = self.kd.epoch(epoch)
         users, ids = self.rd.local_ids(ranking.users, ranking.items)
-        ranking = SoftRanking(users, ids, ranking.modal_logits, ranking.fused_logits, ranking.margins)
+        ranking = dataclasses.replace(ranking, users=users, items=ids)  # step_ends kept
         if items is not self._items_from:  # a new cache version: reorder its item tables once
             order = torch.from_numpy(self.rd.plan.gathered_items)
             self._items = {m: h[order] for m, h in items.items()} if items else items
@@ -74,7 +76,7 @@ def student_train_loop(config: dict) -> None:
         student.init_from(torch.as_tensor(np.asarray(user)[rd.users]), torch.as_tensor(np.asarray(item)[rd.items]))
     mine = rank_shards(config["num_shards"], rank, size)
     cache = RayCacheKD(config["directory"], rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
-                       projector=student.projector)
+                       projector=student.projector, n_steps=steps_per_epoch(config["total_pairs"], sc.batch_size))
     kd = RankKD(cache, rd, world)
 
     def files(folder: Path, state: LoopState) -> None:

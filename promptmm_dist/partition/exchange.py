@@ -13,10 +13,31 @@ With one rank every function is the identity and no collective is called (no pro
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class CollectiveClock:
+    """Seconds this process spent inside collectives, waiting for its peers included: the exchange
+    part of a step (bench/scale.py splits step time into compute and exchange with it)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextmanager
+    def timing(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+COLLECTIVES = CollectiveClock()
 
 
 @dataclass
@@ -45,7 +66,8 @@ class RowRoutes:
 
 def _all_to_all(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> torch.Tensor:
     out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts)
+    with COLLECTIVES.timing():
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts)
     return out
 
 
@@ -77,7 +99,8 @@ class _GatherRows(torch.autograd.Function):
         padded = x.new_zeros((width,) + tuple(x.shape[1:]))
         padded[: x.shape[0]] = x
         out = x.new_empty((width * len(counts),) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, padded)
+        with COLLECTIVES.timing():
+            dist.all_gather_single(out, padded)
         return torch.cat([out[s * width: s * width + n] for s, n in enumerate(counts)])
 
     @staticmethod
@@ -86,7 +109,8 @@ class _GatherRows(torch.autograd.Function):
         blocks = list(torch.split(grad.contiguous(), counts))
         padded = [torch.nn.functional.pad(b, (0, 0) * (grad.dim() - 1) + (0, width - b.shape[0])) for b in blocks]
         out = grad.new_empty((width,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM)
+        with COLLECTIVES.timing():
+            dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM)
         return out[: counts[ctx.rank]], None, None
 
 
@@ -101,13 +125,15 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with COLLECTIVES.timing():
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         out = grad.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with COLLECTIVES.timing():
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from promptmm_dist.partition.exchange import COLLECTIVES
 from promptmm_dist.partition.plan import PartitionPlan
 from promptmm_dist.train.world import World
 
@@ -43,7 +44,8 @@ class PartitionedWorld(World):
         if self.world_size == 1:
             return 1.0
         total = torch.tensor([float(n_local)], dtype=torch.float64)
-        dist.all_reduce(total)
+        with COLLECTIVES.timing():
+            dist.all_reduce(total)
         return float(n_local) / max(float(total), 1.0)
 
     def sync_gradients(self, model: torch.nn.Module) -> None:
@@ -53,7 +55,8 @@ class PartitionedWorld(World):
         if not dense:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
-        dist.all_reduce(flat)
+        with COLLECTIVES.timing():
+            dist.all_reduce(flat)
         at = 0
         for p in dense:
             n = p.numel()
@@ -65,8 +68,19 @@ class PartitionedWorld(World):
             return sums
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(vec)
+        with COLLECTIVES.timing():
+            dist.all_reduce(vec)
         return {k: float(v) for k, v in zip(keys, vec)}
+
+    def distinct_items(self, items: torch.Tensor, n_items: int) -> torch.Tensor:
+        """The distinct items of every rank's part of the batch (an (I,) mask summed over ranks)."""
+        if self.world_size == 1:
+            return torch.unique(items)
+        mask = torch.zeros(n_items, dtype=torch.float32)
+        mask[items.reshape(-1)] = 1.0
+        with COLLECTIVES.timing():
+            dist.all_reduce(mask)
+        return torch.nonzero(mask, as_tuple=True)[0]
 
     # ---- tables -------------------------------------------------------------------------------
     def init_tables(self, model: torch.nn.Module, seed: int) -> None:

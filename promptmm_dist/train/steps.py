@@ -24,6 +24,12 @@ from promptmm_dist.distill.losses import (
 from promptmm_dist.models.teacher import TeacherOutput
 
 
+def batch_bounds(n: int, n_steps: int) -> list[tuple[int, int]]:
+    """(start, stop) of `n_steps` near-equal consecutive batches of `n` rows."""
+    edges = np.linspace(0, n, n_steps + 1).astype(int)
+    return list(zip(edges[:-1], edges[1:]))
+
+
 @dataclass
 class SoftRanking:
     """The frozen teacher's view of a set of samples (what the cache stores per shard and epoch).
@@ -38,6 +44,9 @@ class SoftRanking:
     modal_logits: dict[str, np.ndarray]
     fused_logits: np.ndarray
     margins: np.ndarray
+    # end row of each training step when several shards' rankings were joined step by step
+    # (`join_by_step`); None: cut evenly (`batch_bounds`)
+    step_ends: np.ndarray | None = None
 
     ID_DTYPE = np.int32  # class constant (no annotation: not a dataclass field)
 
@@ -59,6 +68,17 @@ class SoftRanking:
     def bytes_per_pair(self) -> float:
         """Cached bytes per training pair (one row: a user, its 1+N items, their logits and margin)."""
         return self.nbytes() / len(self) if len(self) else 0.0
+
+    def step_bounds(self, n_steps: int) -> list[tuple[int, int]]:
+        """(start, stop) rows of each of the epoch's `n_steps` training steps."""
+        if self.step_ends is not None and len(self.step_ends) == n_steps:
+            ends = [int(e) for e in self.step_ends]
+            return list(zip([0] + ends[:-1], ends))
+        return batch_bounds(len(self), n_steps)
+
+    def take(self, rows: np.ndarray) -> "SoftRanking":
+        return SoftRanking(self.users[rows], self.items[rows], {m: v[rows] for m, v in self.modal_logits.items()},
+                           self.fused_logits[rows], self.margins[rows])
 
     def slice(self, start: int, stop: int) -> "SoftRanking":
         return SoftRanking(self.users[start:stop], self.items[start:stop],
@@ -88,6 +108,23 @@ def list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Ten
 
 
 @torch.no_grad()
+def join_by_step(parts: list["SoftRanking"], n_steps: int) -> "SoftRanking":
+    """Several shards' rankings on one rank: step t takes batch t of every shard's (already shuffled)
+    ranking, so the global batch of step t is the same set of samples however the shards are spread
+    over ranks (1 rank with N shards, or W ranks with N / W each). Rows come in step order."""
+    if len(parts) == 1:
+        return parts[0]
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    cuts = [batch_bounds(len(p), n_steps) for p in parts]
+    rows = [np.arange(start + cut[t][0], start + cut[t][1]) for t in range(n_steps) for start, cut in zip(starts, cuts)]
+    joined = SoftRanking(np.concatenate([p.users for p in parts]), np.concatenate([p.items for p in parts]),
+                         {m: np.concatenate([p.modal_logits[m] for p in parts]) for m in parts[0].modal_logits},
+                         np.concatenate([p.fused_logits for p in parts]), np.concatenate([p.margins for p in parts]))
+    out = joined.take(np.concatenate(rows))
+    out.step_ends = np.cumsum([sum(c[t][1] - c[t][0] for c in cuts) for t in range(n_steps)])
+    return out
+
+
 def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
                  chunk: int = 65536) -> SoftRanking:
     """Teacher logits for every list entry, per modality and fused (teacher in eval mode)."""
@@ -188,11 +225,14 @@ def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torc
                  item_proj: torch.Tensor | None, users: torch.Tensor, items: torch.Tensor,
                  cfg: StudentConfig, teacher: SoftRanking | None = None,
                  teacher_items: dict[str, torch.Tensor] | None = None,
+                 emb_items: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """BPR + L2 + lambda_pair L_pair + lambda_list L_list + lambda_emb L_emb (DESIGN 2).
 
     With `teacher=None` this is plain LightGCN/MF BPR training (the no-KD baseline). `item_proj`: the
     item table projected to the teacher size (None: the sizes agree, items are used as they are).
+    `emb_items`: the distinct items the embedding KD averages over (default: this batch's positives and
+    negatives; a rank holding part of the global batch passes the whole batch's).
     """
     logits = list_logits(user_emb, item_emb, users, items)
     loss_bpr = bpr_loss(logits[:, 0], logits[:, 1])
@@ -213,7 +253,7 @@ def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torc
         loss = loss + cfg.lambda_list * l_list
         parts["list_kd"] = float(l_list.detach())
     if cfg.lambda_emb > 0 and teacher_items:
-        batch_items = torch.unique(items[:, :2])
+        batch_items = torch.unique(items[:, :2]) if emb_items is None else emb_items
         proj = (item_emb if item_proj is None else item_proj)[batch_items]
         l_emb = embedding_kd({m: h[batch_items] for m, h in teacher_items.items()}, proj, alpha=cfg.emb_alpha)
         loss = loss + cfg.lambda_emb * l_emb

@@ -14,6 +14,7 @@ import torch
 from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.sampling import SampleBatch
 from promptmm_dist.models.student import LightGCN
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
@@ -34,9 +35,32 @@ class KDSource(Protocol):
         """Hook for prompt rounds; returns a round summary when one ran."""
 
 
-def batch_bounds(n: int, n_steps: int) -> list[tuple[int, int]]:
-    edges = np.linspace(0, n, n_steps + 1).astype(int)
-    return list(zip(edges[:-1], edges[1:]))
+def student_step(student: LightGCN, module: torch.nn.Module, graph: GraphPropagator,
+                 part: SoftRanking | SampleBatch, opt: torch.optim.Optimizer, sc, world: World,
+                 has_teacher: bool = False, teacher_items: dict[str, torch.Tensor] | None = None,
+                 project: bool = False) -> tuple[dict[str, float], float]:
+    """One optimiser step on this process's part of the global batch (the loop and bench/scale.py).
+    `part`: a SoftRanking with the teacher's logits (`has_teacher`), or plain samples (BPR only).
+    Returns (loss parts weighted by this rank's share, the share), as `teacher_step` does."""
+    items = torch.from_numpy(np.asarray(part.items, dtype=np.int64))
+    outs = module(graph, project=project)
+    # item-side tables whole (one exchange when partitioned): the batch indexes items by id
+    whole = graph.gather_items(outs[1], *(outs[2:3] if project else []), student.base_embeddings()[1])
+    loss, parts = student_loss(
+        outs[0], whole[0], [student.base_embeddings()[0], whole[-1]], whole[1] if project else None,
+        torch.from_numpy(np.asarray(part.users, dtype=np.int64)), items, sc,
+        teacher=part if has_teacher else None, teacher_items=teacher_items,
+        # embedding KD averages over the global batch's distinct items: not a per-row mean, so every
+        # rank computes it over the union (weighted by its share, the ranks' parts add up to it once)
+        emb_items=(world.distinct_items(items[:, :2], whole[0].shape[0])
+                   if has_teacher and teacher_items and sc.lambda_emb > 0 else None))
+    n = len(part)
+    share = world.batch_share(n)
+    opt.zero_grad(set_to_none=True)
+    weighted_loss(loss, share, n).backward()
+    world.sync_gradients(student)
+    opt.step()
+    return {k: (v * share if n else 0.0) for k, v in parts.items()}, share
 
 
 def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagator, kd: KDSource,
@@ -50,24 +74,11 @@ def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagat
     student.train()
     project = has_teacher and bool(teacher_items) and sc.lambda_emb > 0
     sums: dict[str, float] = {}
-    user_base = student.base_embeddings()[0]
-    for lo, hi in progress(batch_bounds(len(ranking), n_steps), f"{stage} epoch {epoch}", world):
-        part = ranking.slice(lo, hi)
-        outs = module(graph, project=project)
-        # item-side tables whole (one exchange when partitioned): the batch indexes items by id
-        whole = graph.gather_items(outs[1], *(outs[2:3] if project else []), student.base_embeddings()[1])
-        loss, parts = student_loss(
-            outs[0], whole[0], [user_base, whole[-1]], whole[1] if project else None,
-            torch.from_numpy(np.asarray(part.users, dtype=np.int64)),
-            torch.from_numpy(np.asarray(part.items, dtype=np.int64)), sc,
-            teacher=part if has_teacher else None, teacher_items=teacher_items)
-        share = world.batch_share(hi - lo)
-        opt.zero_grad(set_to_none=True)
-        weighted_loss(loss, share, hi - lo).backward()
-        world.sync_gradients(student)
-        opt.step()
+    for lo, hi in progress(ranking.step_bounds(n_steps), f"{stage} epoch {epoch}", world):
+        parts, _ = student_step(student, module, graph, ranking.slice(lo, hi), opt, sc, world,
+                                has_teacher, teacher_items, project)
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + (v * share if hi > lo else 0.0) / n_steps
+            sums[k] = sums.get(k, 0.0) + v / n_steps
     sums = world.reduce_sums(sums)
     return sums, wait_s
 

@@ -91,6 +91,33 @@ def steps_per_epoch(total_pairs: int, batch_size: int) -> int:
     return max(1, math.ceil(total_pairs / batch_size))
 
 
+def teacher_optimizer(teacher: PromptMMTeacher, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with the prompt module in its own group (its own learning rate)."""
+    prompt_params = list(teacher.prompt.parameters())
+    prompt_ids = {id(p) for p in prompt_params}
+    other = [p for p in teacher.parameters() if id(p) not in prompt_ids]
+    return torch.optim.Adam([{"params": other, "lr": cfg.teacher.lr},
+                             {"params": prompt_params, "lr": cfg.prompt.lr}])
+
+
+def teacher_step(teacher: PromptMMTeacher, module: torch.nn.Module, graph: GraphPropagator, batch: SampleBatch,
+                 opt: torch.optim.Optimizer, cfg: Config, world: World) -> tuple[dict[str, float], float]:
+    """One optimiser step on this process's part of the global batch (the loop and bench/scale.py).
+    Returns (loss parts weighted by this rank's share, the share); summed over ranks they are the
+    global batch's loss parts. Every rank calls it at every step, an empty part included."""
+    out, item_base = gather_item_side(module(graph), teacher.base_embeddings()[1], graph)
+    users = torch.from_numpy(np.asarray(batch.users, dtype=np.int64))
+    items = torch.from_numpy(np.asarray(batch.items, dtype=np.int64))
+    loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, cfg.teacher, cfg.prompt)
+    n = len(batch)
+    share = world.batch_share(n)
+    opt.zero_grad(set_to_none=True)
+    weighted_loss(loss, share, n).backward()
+    world.sync_gradients(teacher)
+    opt.step()
+    return {k: (v * share if n else 0.0) for k, v in parts.items()}, share
+
+
 def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, graph: GraphPropagator,
                 epoch_samples: EpochSamples, total_pairs: int, world: World | None = None,
                 train_module: torch.nn.Module | None = None, report: Report | None = None,
@@ -101,11 +128,7 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
     world = world or World()
     tc = cfg.teacher
     module = train_module or teacher  # DDP wrapper under Ray Train
-    prompt_params = list(teacher.prompt.parameters())
-    prompt_ids = {id(p) for p in prompt_params}
-    other = [p for p in teacher.parameters() if id(p) not in prompt_ids]
-    opt = torch.optim.Adam([{"params": other, "lr": tc.lr},
-                            {"params": prompt_params, "lr": cfg.prompt.lr}])
+    opt = teacher_optimizer(teacher, cfg)
     validator = Validator(data, world)
     stopper = EarlyStopper(patience=tc.patience)
     loop = Resumable("teacher", teacher, {"opt": opt}, stopper, rank=world.rank,
@@ -121,17 +144,9 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
         samples = epoch_samples(epoch)  # a rank's steps already split, or one batch to split here
         steps = samples if isinstance(samples, list) else split_steps(samples, n_steps)
         for batch in progress(steps, f"teacher epoch {epoch}", world):
-            out, item_base = gather_item_side(module(graph), teacher.base_embeddings()[1], graph)
-            users = torch.from_numpy(np.asarray(batch.users, dtype=np.int64))
-            items = torch.from_numpy(np.asarray(batch.items, dtype=np.int64))
-            loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, tc, cfg.prompt)
-            share = world.batch_share(len(batch))
-            opt.zero_grad(set_to_none=True)
-            weighted_loss(loss, share, len(batch)).backward()
-            world.sync_gradients(teacher)
-            opt.step()
+            parts, _ = teacher_step(teacher, module, graph, batch, opt, cfg, world)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + (v * share if len(batch) else 0.0) / n_steps
+                sums[k] = sums.get(k, 0.0) + v / n_steps
         sums = world.reduce_sums(sums)
         train_s = time.perf_counter() - te
         row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()}, "train_s": train_s}

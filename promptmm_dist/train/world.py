@@ -49,6 +49,10 @@ class World:
     def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         return sums
 
+    def distinct_items(self, items: torch.Tensor, n_items: int) -> torch.Tensor:
+        """The distinct item ids of the global batch, sorted (here: of this process's batch)."""
+        return torch.unique(items)
+
     def full_state_dict(self, state: dict) -> dict | None:
         """The whole model's state (checkpoints); the same dict here."""
         return state
