@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +39,23 @@ def emit(name: str, payload: dict, table: str) -> None:
     (RESULTS_DIR / f"{name}.md").write_text(table + "\n")
     print(json.dumps(payload, default=float))
     print(table)
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic scale set's sizes (default: 1M users, 100k items, 20M interactions, 2 modalities)."""
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--items", type=int, default=100_000)
+    p.add_argument("--interactions", type=int, default=20_000_000)
+    p.add_argument("--modalities", default="image:64,text:32")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_synth(out: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
+    """`promptmm data synth OUT --json` in its own process (its peak RSS is its own); its summary."""
+    cmd = [sys.executable, "-m", "promptmm_dist", "data", "synth", str(out), "--users", str(users),
+           "--items", str(items), "--interactions", str(interactions), "--modalities", modalities,
+           "--seed", str(seed), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH_DIR.parent)
+    if proc.returncode != 0:
+        raise SystemExit(f"synth failed ({proc.returncode}): {proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import add_size_args, run_synth  # noqa: E402 - after the repo is on the path
 
 
 def peak_rss_mib() -> float:
@@ -42,12 +43,7 @@ def ensure_data(folder: Path, users: int, items: int, interactions: int, modalit
         folder.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {users:,} users / {items:,} items / {interactions:,} interactions into {folder}",
               file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "promptmm_dist", "data", "synth", str(folder), "--users", str(users),
-               "--items", str(items), "--interactions", str(interactions), "--modalities", modalities,
-               "--seed", str(seed), "--json"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0:
-            raise SystemExit(f"data synth failed ({proc.returncode}): {proc.stderr.strip()}")
+        run_synth(folder, users, items, interactions, modalities, seed)
     return read_manifest(folder)
 
 
@@ -138,8 +134,7 @@ def markdown(runs: dict[str, dict], sizes: str) -> str:
             "|---|---|---|---|---|---|---|---|---|")
     lines = [f"Synthetic data: {sizes}.", "", head]
     for w, run in runs.items():
-        for stage in ("teacher", "student"):
-            s = run[stage]
+        for stage, s in run.items():
             rss = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in s["ranks"])
             setup = max(r["setup_s"] for r in s["ranks"])
             rows = " ; ".join(f"{r['users']:,} / {r['items']:,}" for r in s["ranks"])
@@ -150,16 +145,12 @@ def markdown(runs: dict[str, dict], sizes: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--interactions", type=int, default=20_000_000)
-    p.add_argument("--modalities", default="image:64,text:32")
+    add_size_args(p)
     p.add_argument("--workers", default="1,2", help="W values to run, comma-separated (each with the same batch)")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps per stage and W (the first warms up)")
     p.add_argument("--exchange", default="needed", choices=("needed", "all"), help="per-hop row exchange")
     p.add_argument("--batch-size", type=int, default=4096, help="global batch (teacher and student)")
     p.add_argument("--dim", type=int, default=64, help="embedding size (teacher and student)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="synthetic data folder (default: runs/scale-data/<sizes>)")
     p.add_argument("--stages", default="teacher,student")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")

@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import add_size_args, run_synth
 
-def run_synth(out: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
-    """One generation in a fresh process; returns its JSON summary plus wall time and disk size."""
-    cmd = [sys.executable, "-m", "promptmm_dist", "data", "synth", str(out), "--users", str(users),
-           "--items", str(items), "--interactions", str(interactions), "--modalities", modalities,
-           "--seed", str(seed), "--json"]
+
+def timed_synth(out: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
+    """One generation in a fresh process; its JSON summary plus wall time and disk size."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"synth failed ({proc.returncode}): {proc.stderr.strip()}")
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    summary["process_wall_seconds"] = round(wall, 3)
+    summary = run_synth(out, users, items, interactions, modalities, seed)
+    summary["process_wall_seconds"] = round(time.perf_counter() - t0, 3)
     summary["disk_mib"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1)
     return summary
 
@@ -47,18 +40,14 @@ def markdown(rows: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--users", type=int, default=1_000_000)
-    p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--interactions", type=int, default=20_000_000)
-    p.add_argument("--modalities", default="image:64,text:32")
-    p.add_argument("--seed", type=int, default=0)
+    add_size_args(p)
     p.add_argument("--skip-small", action="store_true", help="only the large set")
     args = p.parse_args(argv)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="promptmm-synth-bench-") as tmp:
         if not args.skip_small:
-            rows["default"] = run_synth(Path(tmp) / "small", 2000, 1000, 40000, "image:64,text:32", 0)
-        rows["large"] = run_synth(Path(tmp) / "large", args.users, args.items, args.interactions,
+            rows["default"] = timed_synth(Path(tmp) / "small", 2000, 1000, 40000, "image:64,text:32", 0)
+        rows["large"] = timed_synth(Path(tmp) / "large", args.users, args.items, args.interactions,
                                   args.modalities, args.seed)
     print(json.dumps(rows, indent=2))
     print()
