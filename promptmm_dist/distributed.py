@@ -167,64 +167,65 @@ class DistributedRun:
         worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS, **ray_setup.actor_options(cfg.dist))(TeacherWorker)
         workers = [worker_cls.remote(self.data_ref, cfg.to_dict(), ckpt) for _ in range(cfg.dist.num_teacher_workers)]
         directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote(timeout)
-        n_ranks = max(cfg.dist.num_workers, 1)
-        cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
-                                 cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
-                                 timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
-                                 on_round=lambda p: save_prompt(stage.folder, p)).start()
-        self.cache = cache  # fault-injection benchmarks read its stats
-        config = {**self._loop_config(), "directory": directory,
-                  **ray_loop_config(stage, resume_path)}
-        if cfg.student.init_from_teacher:
-            config["init_ref"] = ray.put(bounded_get(workers[0].final_embeddings.remote(),
-                                                     "TeacherWorker 0 (final embeddings)", timeout))
         try:
-            result = self._fit(student_train_loop, "student", config)
-        except Exception:
+            n_ranks = max(cfg.dist.num_workers, 1)
+            cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
+                                     cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
+                                     timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
+                                     on_round=lambda p: save_prompt(stage.folder, p)).start()
+            self.cache = cache  # fault-injection benchmarks read its stats
+            config = {**self._loop_config(), "directory": directory,
+                      **ray_loop_config(stage, resume_path)}
+            if cfg.student.init_from_teacher:
+                config["init_ref"] = ray.put(bounded_get(workers[0].final_embeddings.remote(),
+                                                         "TeacherWorker 0 (final embeddings)", timeout))
+            try:
+                result = self._fit(student_train_loop, "student", config)
+            except Exception:
+                cache.stop()
+                if cache.error is not None:  # the cause (what died), not the symptom Train saw; the CLI prints it
+                    raise cache.error from None
+                raise
             cache.stop()
-            if cache.error is not None:  # the cause (what died), not the symptom Train saw; the CLI prints it
-                raise cache.error from None
-            raise
-        cache.stop()
-        if cache.error is not None:
-            raise cache.error
-        folder = self.out / "student"
-        _take_checkpoint(result, folder)
-        student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
-                           teacher_dim=cfg.teacher.embed_dim)
-        student.load_state_dict(load_state(folder / "student.pt"))
-        student.eval()
-        with torch.no_grad():
-            user, item = student(GraphPropagator.from_train(self.data.train_csr, cfg.student.norm))
-        np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
-        metrics = self.evaluate(user, item)
-        hist = _history(folder)
-        rounds = _round_effects(cache.stats.rounds, hist)
-        st = cache.stats
-        meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
-                "train_seconds": time.perf_counter() - t0,
-                "student_total": sum(p.numel() for p in student.parameters()),
-                "student_inference": student.inference_parameters(),
-                "prompt_rounds": rounds,
-                "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
-                          "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
-                          "bytes_per_pair": st.bytes_per_pair(),
-                          "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
-                          "recomputed": st.recomputed,
-                          "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
-                "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
-        write_json(folder / "meta.json", meta)
-        stage.finish()
-        prompt = f"prompt refreshed {st.versions - 1} time(s)" if st.versions > 1 else "prompt frozen"
-        log(f"KD cache: teacher rankings for {st.epochs_published} epochs, "
-            f"{meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB each, at most {st.max_epochs_held} in memory "
-            f"at once; computed in {st.produce_s:.1f}s while the students trained, who waited "
-            f"{meta['cache']['student_wait_s']:.1f}s for them; {prompt}")
-        for w in workers:
-            ray.kill(w)
-        ray.kill(directory)
-        self.timings["student_s"] = time.perf_counter() - t0
-        return meta
+            if cache.error is not None:
+                raise cache.error
+            folder = self.out / "student"
+            _take_checkpoint(result, folder)
+            student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
+                               teacher_dim=cfg.teacher.embed_dim)
+            student.load_state_dict(load_state(folder / "student.pt"))
+            student.eval()
+            with torch.no_grad():
+                user, item = student(GraphPropagator.from_train(self.data.train_csr, cfg.student.norm))
+            np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
+            metrics = self.evaluate(user, item)
+            hist = _history(folder)
+            rounds = _round_effects(cache.stats.rounds, hist)
+            st = cache.stats
+            meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
+                    "train_seconds": time.perf_counter() - t0,
+                    "student_total": sum(p.numel() for p in student.parameters()),
+                    "student_inference": student.inference_parameters(),
+                    "prompt_rounds": rounds,
+                    "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
+                              "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
+                              "bytes_per_pair": st.bytes_per_pair(),
+                              "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
+                              "recomputed": st.recomputed,
+                              "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
+                    "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
+            write_json(folder / "meta.json", meta)
+            stage.finish()
+            prompt = f"prompt refreshed {st.versions - 1} time(s)" if st.versions > 1 else "prompt frozen"
+            log(f"KD cache: teacher rankings for {st.epochs_published} epochs, "
+                f"{meta['cache']['bytes_per_epoch'] / 2**20:.1f} MiB each, at most {st.max_epochs_held} in memory "
+                f"at once; computed in {st.produce_s:.1f}s while the students trained, who waited "
+                f"{meta['cache']['student_wait_s']:.1f}s for them; {prompt}")
+            self.timings["student_s"] = time.perf_counter() - t0
+            return meta
+        finally:  # also when the stage fails: a caller holding the traceback must not keep them alive
+            for actor in (*workers, directory):
+                ray.kill(actor)
 
     def evaluate(self, user: torch.Tensor, item: torch.Tensor) -> dict[str, dict]:
         """Full ranking, each shard actor ranking its own users; sums reduced exactly."""
