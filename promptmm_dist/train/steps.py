@@ -163,10 +163,18 @@ def gather_item_side(out: TeacherOutput, base_items: torch.Tensor, graph) -> tup
     return gathered, whole[-1]
 
 
-def weighted_loss(loss: torch.Tensor, share: float, n: int) -> torch.Tensor:
-    """This rank's part of the global batch loss. A rank with no sample in a step still runs its
-    backward (its exchanges must meet the other ranks'), with a zero loss that keeps the graph."""
-    return loss * share if n else loss.nan_to_num() * 0.0
+def optimizer_step(loss: torch.Tensor, parts: dict[str, float], n: int, model: torch.nn.Module,
+                   opt: torch.optim.Optimizer, world) -> tuple[dict[str, float], float]:
+    """Step `model` on this rank's part (`n` samples) of the global batch: the loss is weighted by the
+    rank's share, so the ranks' gradients add up to the global batch's, and the replicated modules'
+    gradients are summed over ranks. A rank with no sample still runs its backward (its exchanges
+    must meet the other ranks') with a zero loss. Returns (loss parts weighted by the share, share)."""
+    share = world.batch_share(n)
+    opt.zero_grad(set_to_none=True)
+    (loss * share if n else loss.nan_to_num() * 0.0).backward()
+    world.sync_gradients(model)
+    opt.step()
+    return {k: (v * share if n else 0.0) for k, v in parts.items()}, share
 
 
 def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tensor,

@@ -19,7 +19,7 @@ from promptmm_dist.models.student import LightGCN
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import SoftRanking, student_loss, weighted_loss
+from promptmm_dist.train.steps import SoftRanking, optimizer_step, student_loss
 from promptmm_dist.train.teacher_loop import StageResult, steps_per_epoch
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
@@ -55,12 +55,7 @@ def student_step(student: LightGCN, module: torch.nn.Module, graph: GraphPropaga
         emb_items=(world.distinct_items(items[:, :2], whole[0].shape[0])
                    if has_teacher and teacher_items and sc.lambda_emb > 0 else None))
     n = len(part)
-    share = world.batch_share(n)
-    opt.zero_grad(set_to_none=True)
-    weighted_loss(loss, share, n).backward()
-    world.sync_gradients(student)
-    opt.step()
-    return {k: (v * share if n else 0.0) for k, v in parts.items()}, share
+    return optimizer_step(loss, parts, n, student, opt, world)
 
 
 def train_epoch(student: LightGCN, module: torch.nn.Module, graph: GraphPropagator, kd: KDSource,

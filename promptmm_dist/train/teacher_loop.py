@@ -26,7 +26,7 @@ from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import gather_item_side, teacher_loss, weighted_loss
+from promptmm_dist.train.steps import gather_item_side, optimizer_step, teacher_loss
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
 
@@ -110,12 +110,7 @@ def teacher_step(teacher: PromptMMTeacher, module: torch.nn.Module, graph: Graph
     items = torch.from_numpy(np.asarray(batch.items, dtype=np.int64))
     loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, cfg.teacher, cfg.prompt)
     n = len(batch)
-    share = world.batch_share(n)
-    opt.zero_grad(set_to_none=True)
-    weighted_loss(loss, share, n).backward()
-    world.sync_gradients(teacher)
-    opt.step()
-    return {k: (v * share if n else 0.0) for k, v in parts.items()}, share
+    return optimizer_step(loss, parts, n, teacher, opt, world)
 
 
 def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, graph: GraphPropagator,
