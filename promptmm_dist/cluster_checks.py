@@ -59,3 +59,16 @@ def check_workers_fit(num_workers: int, cluster_cpus: float) -> None:
         raise ConfigError(f"--num-workers {num_workers}: the Ray cluster has {cluster_cpus:g} CPUs and each "
                           f"Train worker needs at least one; use --num-workers {max(int(cluster_cpus), 0)} "
                           "or fewer (0 = the Train loop in the driver), or add nodes")
+
+
+def check_gpus_fit(num_workers: int, cluster_gpus: float) -> None:
+    """Rule for `dist.use_gpu`: one GPU per Train worker, and at least one worker (GPUs are given to
+    Train ranks; the driver loop, `--num-workers 0`, stays on the CPU). Without it Ray would wait
+    forever for GPUs the cluster does not have."""
+    if num_workers < 1:
+        raise ConfigError("dist.use_gpu=true needs --num-workers >= 1 (each Train worker gets one GPU; "
+                          "--num-workers 0 runs the loop in the driver, on the CPU)")
+    if num_workers > cluster_gpus:
+        raise ConfigError(f"dist.use_gpu=true with --num-workers {num_workers}: the Ray cluster has "
+                          f"{cluster_gpus:g} GPUs (one per Train worker); use --num-workers "
+                          f"{max(int(cluster_gpus), 0)} or fewer, add GPU nodes, or drop dist.use_gpu")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from promptmm_dist import ray_quiet
-from promptmm_dist.cluster_checks import check_reachable, local_cpus
+from promptmm_dist.cluster_checks import check_gpus_fit, check_reachable, local_cpus
 from promptmm_dist.cluster_checks import check_workers_fit as check_workers_fit_cpus
 from promptmm_dist.config import Config, DistConfig
 from promptmm_dist.run_io import write_history, write_json
@@ -49,15 +49,23 @@ def init_ray(dist: DistConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         check_workers_fit_cpus(dist.num_workers, local_cpus())  # before a slow start; rechecked after
+        if dist.use_gpu:
+            import torch
+
+            check_gpus_fit(dist.num_workers, torch.cuda.device_count())
         ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
                  _system_config=LOCAL_SYSTEM_CONFIG)
 
 
 def check_workers_fit(dist: DistConfig) -> None:
-    """One line (ConfigError) when the connected cluster has fewer CPUs than Train workers asked for."""
+    """One line (ConfigError) when the connected cluster has fewer CPUs (or, with `use_gpu`, GPUs) than
+    Train workers asked for."""
     import ray
 
-    check_workers_fit_cpus(dist.num_workers, float(ray.cluster_resources().get("CPU", 0.0)))
+    resources = ray.cluster_resources()
+    check_workers_fit_cpus(dist.num_workers, float(resources.get("CPU", 0.0)))
+    if dist.use_gpu:
+        check_gpus_fit(dist.num_workers, float(resources.get("GPU", 0.0)))
 
 
 def actor_options(dist: DistConfig) -> dict:
@@ -169,6 +177,21 @@ def actor_threads(default: float = 1.0) -> int:
     except Exception:  # noqa: BLE001 - not in a Ray worker (the driver): fall back to `default`
         pass
     return torch_threads(default)
+
+
+def rank_device(use_gpu: bool) -> "torch.device":
+    """A Train rank's device: the GPU Ray Train assigned it when the run asked for GPUs (ScalingConfig
+    use_gpu; Train then sets up NCCL as the default group), else the CPU."""
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    from ray.train.torch import get_device
+
+    device = get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: list | None = None):

@@ -101,6 +101,23 @@ def test_more_workers_than_cpus_is_refused_before_anything_is_written(tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_gpus_asked_for_on_a_cluster_without_them_is_one_line(tmp_path, capsys):
+    """dist.use_gpu gives each Train worker a GPU: on a cluster without GPUs Ray would wait forever."""
+    out = tmp_path / "run"
+    _fails(["run", "--num-workers", "1", "--set", "dist.use_gpu=true", "--out", str(out)], capsys,
+           "dist.use_gpu=true with --num-workers 1", "0 GPUs")
+    assert not out.exists()
+
+
+def test_gpus_for_the_driver_loop_are_refused():
+    from promptmm_dist.cluster_checks import check_gpus_fit
+
+    with pytest.raises(ConfigError, match="needs --num-workers >= 1"):
+        check_gpus_fit(0, 8)
+    check_gpus_fit(2, 2)  # one GPU per worker fits
+
+
 def test_explicit_num_workers_zero_means_ray_local_mode():
     from promptmm_dist.pipeline import config_from_args, uses_ray
 

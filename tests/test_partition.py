@@ -115,6 +115,26 @@ def test_two_rank_teacher_follows_the_one_process_loss_curve(subset):
     rows = [r["shapes"]["user_emb.weight"][0] for r in two]
     assert sum(rows) == data.n_users and max(rows) < data.n_users
     assert sum(r["shapes"]["item_emb.weight"][0] for r in two) == data.n_items
+    assert two[0]["full_user_rows"] == data.n_users and two[1]["full_user_rows"] is None
+    assert two[0]["distinct_items_step0"] == two[1]["distinct_items_step0"] == one["distinct_items_step0"]
+
+
+def test_gpu_path_routes_every_cpu_collective_through_the_gloo_control_group(subset):
+    """On GPU the default group is NCCL, which refuses CPU tensors; counts, loss and metric sums and
+    checkpoint gathers stay on the CPU and must go through the gloo control group. Emulated on CPU: the
+    default group reads "nccl" and raises on CPU tensors, and the 2-rank teacher still trains exactly as
+    on plain gloo (break a `group=group_for(...)` and this fails with the collective's name)."""
+    data, spec = subset
+    cfg = Config()
+    cfg.teacher.epochs, cfg.teacher.embed_dim, cfg.teacher.batch_size = 1, 16, 512
+    cfg.teacher.dropout = 0.0
+    cfg.prompt.prompt_dropout = 0.0
+    plain = run_group(teacher_curve_rank, 2, spec, 4, cfg.to_dict())
+    routed = run_group(teacher_curve_rank, 2, spec, 4, cfg.to_dict(), emulate_nccl=True)
+    for a, b in zip(plain[0]["history"], routed[0]["history"]):
+        assert b["loss_bpr"] == pytest.approx(a["loss_bpr"], rel=1e-6)
+        assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-9)
+    assert routed[0]["full_user_rows"] == data.n_users
 
 
 def test_joined_shard_rankings_give_each_step_the_same_samples_on_one_rank_as_on_two():

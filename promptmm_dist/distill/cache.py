@@ -497,8 +497,8 @@ class RayCacheKD:
         if self.rank == 0:
             proj = None
             if isinstance(self.projector, torch.nn.Linear):
-                proj = {"weight": self.projector.weight.detach().numpy().copy()}
-            ref = ray.put((user_emb.detach().numpy(), item_emb.detach().numpy(), proj))
+                proj = {"weight": self.projector.weight.detach().cpu().numpy().copy()}
+            ref = ray.put((user_emb.detach().cpu().numpy(), item_emb.detach().cpu().numpy(), proj))
             self._get(self.directory.put_student.remote(epoch, [ref]), "the cache directory", self._timeout())
         return {"requested": True}
 

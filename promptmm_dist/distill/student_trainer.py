@@ -40,7 +40,7 @@ class RankKD:
         ranking = dataclasses.replace(ranking, users=users, items=ids)  # step_ends kept
         if items is not self._items_from:  # a new cache version: reorder its item tables once
             order = torch.from_numpy(self.rd.plan.gathered_items)
-            self._items = {m: h[order] for m, h in items.items()} if items else items
+            self._items = {m: h[order].to(self.world.device) for m, h in items.items()} if items else items
             self._items_from = items
         return ranking, self._items, has_teacher
 
@@ -58,7 +58,7 @@ def student_train_loop(config: dict) -> None:
     import ray.train
 
     from promptmm_dist.partition.setup import setup_rank
-    from promptmm_dist.ray_setup import make_reporter
+    from promptmm_dist.ray_setup import make_reporter, rank_device
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
@@ -66,7 +66,8 @@ def student_train_loop(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     sc = cfg.student
     spec = config["dataset"]
-    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, sc.norm, cfg.dist.exchange)
+    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, sc.norm, cfg.dist.exchange,
+                                  device=rank_device(cfg.dist.use_gpu))
     torch.manual_seed(cfg.seed)
     student = MODELS["lightgcn"](rd.n_users, rd.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
                                  teacher_dim=cfg.teacher.embed_dim)
@@ -74,6 +75,7 @@ def student_train_loop(config: dict) -> None:
     if config.get("init_ref") is not None:
         user, item = ray.get(config["init_ref"])
         student.init_from(torch.as_tensor(np.asarray(user)[rd.users]), torch.as_tensor(np.asarray(item)[rd.items]))
+    student.to(world.device)
     mine = rank_shards(config["num_shards"], rank, size)
     cache = RayCacheKD(config["directory"], rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
                        projector=student.projector, n_steps=steps_per_epoch(config["total_pairs"], sc.batch_size))

@@ -71,4 +71,9 @@ def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, 
 
     result = fit_teacher(rd.local, cfg, teacher, graph, steps, total_pairs, world=world, log=lambda _: None)
     held = {name: tuple(p.shape) for name, p in teacher.named_parameters()}
-    return {"history": result.history, "n_steps": n_steps, "shapes": held, "users": rd.users, "items": rd.items}
+    full = world.full_state_dict(teacher.state_dict())  # the checkpoint gather (rank 0 gets whole tables)
+    first = steps(0)[0]
+    distinct = world.distinct_items(torch.from_numpy(np.asarray(first.items[:, :2], dtype=np.int64)), rd.plan.n_items)
+    return {"history": result.history, "n_steps": n_steps, "shapes": held, "users": rd.users, "items": rd.items,
+            "full_user_rows": None if full is None else int(full["user_emb.weight"].shape[0]),
+            "distinct_items_step0": int(len(distinct))}

@@ -9,6 +9,9 @@ of every row it borrowed back to the row's owner:
 - `sum_over_ranks`: an all-reduce sum; backward all-reduces the gradient.
 
 With one rank every function is the identity and no collective is called (no process group needed).
+
+Devices: every collective runs in `train.world.group_for(t)`: device tensors (the row exchanges on GPU)
+in the default group (NCCL), CPU tensors in gloo.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from promptmm_dist.train.world import group_for
 
 
 class CollectiveClock:
@@ -38,7 +43,6 @@ class CollectiveClock:
 
 
 COLLECTIVES = CollectiveClock()
-
 
 @dataclass
 class RowRoutes:
@@ -67,7 +71,8 @@ class RowRoutes:
 def _all_to_all(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> torch.Tensor:
     out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
     with COLLECTIVES.timing():
-        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts)
+        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts,
+                               group=group_for(rows))
     return out
 
 
@@ -100,7 +105,7 @@ class _GatherRows(torch.autograd.Function):
         padded[: x.shape[0]] = x
         out = x.new_empty((width * len(counts),) + tuple(x.shape[1:]))
         with COLLECTIVES.timing():
-            dist.all_gather_single(out, padded)
+            dist.all_gather_single(out, padded, group=group_for(padded))
         return torch.cat([out[s * width: s * width + n] for s, n in enumerate(counts)])
 
     @staticmethod
@@ -110,7 +115,7 @@ class _GatherRows(torch.autograd.Function):
         padded = [torch.nn.functional.pad(b, (0, 0) * (grad.dim() - 1) + (0, width - b.shape[0])) for b in blocks]
         out = grad.new_empty((width,) + tuple(grad.shape[1:]))
         with COLLECTIVES.timing():
-            dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM)
+            dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM, group=group_for(out))
         return out[: counts[ctx.rank]], None, None
 
 
@@ -126,14 +131,14 @@ class _SumOverRanks(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         out = x.clone()
         with COLLECTIVES.timing():
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group_for(out))
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         out = grad.clone()
         with COLLECTIVES.timing():
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group_for(out))
         return out
 
 
@@ -149,7 +154,7 @@ def exchange_lists(lists: list[torch.Tensor], world_size: int) -> list[torch.Ten
     send_counts = [int(x.shape[0]) for x in lists]
     counts = torch.tensor(send_counts, dtype=torch.int64, device=lists[0].device)
     recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts)
+    dist.all_to_all_single(recv, counts, group=group_for(counts))
     recv_counts = [int(c) for c in recv.tolist()]
     payload = torch.cat(lists) if lists else torch.zeros(0)
     out = _all_to_all(payload, recv_counts, send_counts)

@@ -20,7 +20,7 @@ from promptmm_dist.partition.graph import PartitionedGraph
 from promptmm_dist.partition.rank_data import RankData, load_rank_data
 from promptmm_dist.partition.world import PartitionedWorld
 from promptmm_dist.train.teacher_loop import assemble_teacher, prepare_features
-from promptmm_dist.train.world import World
+from promptmm_dist.train.world import World, control_group
 
 
 def canonical_folder(data: InteractionData, data_path: str, out: Path) -> Path:
@@ -50,7 +50,9 @@ def dataset_spec(data: InteractionData, data_path: str, out: Path) -> dict:
 
 def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: str, exchange: str = "needed",
                device: torch.device | None = None) -> tuple[RankData, PartitionedWorld, PartitionedGraph]:
-    """This rank's data, world and graph (collective: every rank of the group calls it)."""
+    """This rank's data, world and graph (collective: every rank of the group calls it). `device`: where
+    the rank's tables and row exchanges live (default CPU); setup itself runs on the CPU."""
+    control_group()  # the CPU group beside NCCL, created by every rank at the same point
     base = World(rank, world_size)
     rd = load_rank_data(spec["dir"], spec["n_users"], spec["n_items"], spec["modalities"], num_shards, base,
                         name=spec.get("name", ""), manifest_sha256=spec.get("manifest_sha256", ""))
@@ -100,4 +102,4 @@ def build_rank_teacher(rd: RankData, cfg: Config, token_cache: str | Path | None
     features = prepare_features(rd.features, cfg.teacher.feature_norm, stats)
     teacher = assemble_teacher(cfg, rd.n_users, rd.n_items, features, item_tokens, rank_train_rows(rd), items=rd.items)
     rd.world.init_tables(teacher, cfg.seed)
-    return teacher
+    return teacher.to(rd.world.device)

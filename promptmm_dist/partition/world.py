@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from promptmm_dist.partition.exchange import COLLECTIVES
 from promptmm_dist.partition.plan import PartitionPlan
-from promptmm_dist.train.world import World
+from promptmm_dist.train.world import World, control_group, group_for
 
 # parameter name -> which rows it has: what is sharded, not how the model uses it (TorchRec-style plan)
 SHARDED_TABLES = {"user_emb.weight": "user", "item_emb.weight": "item"}
@@ -32,9 +32,8 @@ class PartitionedWorld(World):
     partitioned = True
 
     def __init__(self, rank: int, world_size: int, plan: PartitionPlan, device: torch.device | None = None) -> None:
-        super().__init__(rank, world_size)
+        super().__init__(rank, world_size, device or torch.device("cpu"))
         self.plan = plan
-        self.device = device or torch.device("cpu")
         self.rows = {"user": plan.users_of(rank), "item": plan.items_of(rank)}
         self.totals = {"user": plan.n_users, "item": plan.n_items}
         self.counts = {"user": [int(c) for c in plan.user_counts], "item": [int(c) for c in plan.item_counts]}
@@ -45,7 +44,7 @@ class PartitionedWorld(World):
             return 1.0
         total = torch.tensor([float(n_local)], dtype=torch.float64)
         with COLLECTIVES.timing():
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=group_for(total))
         return float(n_local) / max(float(total), 1.0)
 
     def sync_gradients(self, model: torch.nn.Module) -> None:
@@ -56,7 +55,7 @@ class PartitionedWorld(World):
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense])
         with COLLECTIVES.timing():
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=group_for(flat))
         at = 0
         for p in dense:
             n = p.numel()
@@ -69,17 +68,17 @@ class PartitionedWorld(World):
         keys = sorted(sums)
         vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
         with COLLECTIVES.timing():
-            dist.all_reduce(vec)
+            dist.all_reduce(vec, group=group_for(vec))
         return {k: float(v) for k, v in zip(keys, vec)}
 
     def distinct_items(self, items: torch.Tensor, n_items: int) -> torch.Tensor:
         """The distinct items of every rank's part of the batch (an (I,) mask summed over ranks)."""
         if self.world_size == 1:
             return torch.unique(items)
-        mask = torch.zeros(n_items, dtype=torch.float32)
+        mask = torch.zeros(n_items, dtype=torch.float32, device=items.device)
         mask[items.reshape(-1)] = 1.0
         with COLLECTIVES.timing():
-            dist.all_reduce(mask)
+            dist.all_reduce(mask, group=group_for(mask))
         return torch.nonzero(mask, as_tuple=True)[0]
 
     # ---- tables -------------------------------------------------------------------------------
@@ -93,32 +92,34 @@ class PartitionedWorld(World):
                     params[name].copy_(row_seeded_normal(self.rows[kind], params[name].shape[1], seed, name))
 
     def full_table(self, local: torch.Tensor, kind: str) -> torch.Tensor | None:
-        """The whole table in global id order on rank 0 (None elsewhere). Collective."""
+        """The whole table in global id order, on the CPU of rank 0 (None elsewhere). Collective; the
+        rows travel through the CPU group (checkpoints and prompt rounds, not every step)."""
+        local = local.detach().cpu()
         if self.world_size == 1:
             out = torch.empty((self.totals[kind],) + tuple(local.shape[1:]), dtype=local.dtype)
-            out[torch.from_numpy(self.rows[kind])] = local.detach().cpu()
+            out[torch.from_numpy(self.rows[kind])] = local
             return out
         counts = self.counts[kind]
         width = max(counts)
         padded = local.new_zeros((width,) + tuple(local.shape[1:]))
-        padded[: local.shape[0]] = local.detach()
+        padded[: local.shape[0]] = local
         bufs = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
-        dist.gather(padded, bufs, dst=0)
+        dist.gather(padded, bufs, dst=0, group=control_group())
         if self.rank != 0:
             return None
         out = torch.empty((self.totals[kind],) + tuple(local.shape[1:]), dtype=local.dtype)
         for s, n in enumerate(counts):
             ids = self.plan.users_of(s) if kind == "user" else self.plan.items_of(s)
-            out[torch.from_numpy(ids)] = bufs[s][:n].cpu()
+            out[torch.from_numpy(ids)] = bufs[s][:n]
         return out
 
     def local_table(self, full: torch.Tensor, kind: str) -> torch.Tensor:
-        return full[torch.from_numpy(self.rows[kind])].clone()
+        return full[torch.from_numpy(self.rows[kind]).to(full.device)].clone()
 
     def full_state_dict(self, state: dict) -> dict | None:
         out = {}
         for k, v in state.items():
-            out[k] = self.full_table(v, SHARDED_TABLES[k]) if k in SHARDED_TABLES else v
+            out[k] = self.full_table(v, SHARDED_TABLES[k]) if k in SHARDED_TABLES else (v.detach().cpu() if torch.is_tensor(v) else v)
         return out if self.rank == 0 else None
 
     def local_state_dict(self, state: dict) -> dict:

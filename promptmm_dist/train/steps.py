@@ -98,6 +98,11 @@ def as_tensor(x: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return torch.tensor(np.asarray(x), dtype=dtype)
 
 
+def id_tensor(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch's ids as int64 (what torch indexes with) on the device of the tables they index."""
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
+
+
 def list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
                 items: torch.Tensor) -> torch.Tensor:
     """(B, 1+N) dot-product logits of each user against its list.
@@ -131,18 +136,18 @@ def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
     modal = {m: [] for m in out.modal_user}
     fused = []
     for s in range(0, len(users), chunk):
-        u = as_tensor(users[s:s + chunk], torch.int64)
-        it = as_tensor(items[s:s + chunk], torch.int64)
+        u = id_tensor(users[s:s + chunk], out.user.device)
+        it = id_tensor(items[s:s + chunk], out.user.device)
         fused.append(list_logits(out.user, out.item, u, it))
         for m in modal:
             modal[m].append(list_logits(out.modal_user[m], out.modal_item[m], u, it))
     fused_t = torch.cat(fused) if fused else torch.zeros((0, items.shape[1]))
-    margins = (fused_t[:, 0] - fused_t[:, 1]).numpy().astype(np.float32)
+    margins = (fused_t[:, 0] - fused_t[:, 1]).cpu().numpy().astype(np.float32)
     return SoftRanking(
         users=users, items=items,
-        modal_logits={m: (torch.cat(v) if v else torch.zeros((0, items.shape[1]))).numpy().astype(np.float16)
+        modal_logits={m: (torch.cat(v) if v else torch.zeros((0, items.shape[1]))).cpu().numpy().astype(np.float16)
                       for m, v in modal.items()},
-        fused_logits=fused_t.numpy().astype(np.float16),
+        fused_logits=fused_t.cpu().numpy().astype(np.float16),
         margins=margins,
     )
 
@@ -263,7 +268,8 @@ def student_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, base: list[torc
     if cfg.lambda_emb > 0 and teacher_items:
         batch_items = torch.unique(items[:, :2]) if emb_items is None else emb_items
         proj = (item_emb if item_proj is None else item_proj)[batch_items]
-        l_emb = embedding_kd({m: h[batch_items] for m, h in teacher_items.items()}, proj, alpha=cfg.emb_alpha)
+        l_emb = embedding_kd({m: h[batch_items.to(h.device)] for m, h in teacher_items.items()}, proj,
+                             alpha=cfg.emb_alpha)
         loss = loss + cfg.lambda_emb * l_emb
         parts["emb_kd"] = float(l_emb.detach())
     return loss, parts

@@ -8,7 +8,6 @@ import copy
 import time
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from promptmm_dist.config import Config
@@ -19,7 +18,7 @@ from promptmm_dist.models.student import LightGCN
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import SoftRanking, optimizer_step, student_loss
+from promptmm_dist.train.steps import SoftRanking, id_tensor, optimizer_step, student_loss
 from promptmm_dist.train.teacher_loop import StageResult, steps_per_epoch
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
@@ -42,13 +41,13 @@ def student_step(student: LightGCN, module: torch.nn.Module, graph: GraphPropaga
     """One optimiser step on this process's part of the global batch (the loop and bench/scale.py).
     `part`: a SoftRanking with the teacher's logits (`has_teacher`), or plain samples (BPR only).
     Returns (loss parts weighted by this rank's share, the share), as `teacher_step` does."""
-    items = torch.from_numpy(np.asarray(part.items, dtype=np.int64))
     outs = module(graph, project=project)
+    items = id_tensor(part.items, outs[0].device)
     # item-side tables whole (one exchange when partitioned): the batch indexes items by id
     whole = graph.gather_items(outs[1], *(outs[2:3] if project else []), student.base_embeddings()[1])
     loss, parts = student_loss(
         outs[0], whole[0], [student.base_embeddings()[0], whole[-1]], whole[1] if project else None,
-        torch.from_numpy(np.asarray(part.users, dtype=np.int64)), items, sc,
+        id_tensor(part.users, outs[0].device), items, sc,
         teacher=part if has_teacher else None, teacher_items=teacher_items,
         # embedding KD averages over the global batch's distinct items: not a per-row mean, so every
         # rank computes it over the union (weighted by its share, the ranks' parts add up to it once)

@@ -26,7 +26,7 @@ from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.train.progress import epoch_line, progress
 from promptmm_dist.train.selection import EarlyStopper
 from promptmm_dist.train.state import LoopState, Resumable
-from promptmm_dist.train.steps import gather_item_side, optimizer_step, teacher_loss
+from promptmm_dist.train.steps import gather_item_side, id_tensor, optimizer_step, teacher_loss
 from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
 
@@ -106,8 +106,7 @@ def teacher_step(teacher: PromptMMTeacher, module: torch.nn.Module, graph: Graph
     Returns (loss parts weighted by this rank's share, the share); summed over ranks they are the
     global batch's loss parts. Every rank calls it at every step, an empty part included."""
     out, item_base = gather_item_side(module(graph), teacher.base_embeddings()[1], graph)
-    users = torch.from_numpy(np.asarray(batch.users, dtype=np.int64))
-    items = torch.from_numpy(np.asarray(batch.items, dtype=np.int64))
+    users, items = id_tensor(batch.users, item_base.device), id_tensor(batch.items, item_base.device)
     loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, cfg.teacher, cfg.prompt)
     n = len(batch)
     return optimizer_step(loss, parts, n, teacher, opt, world)

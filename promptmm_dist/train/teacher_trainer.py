@@ -38,14 +38,15 @@ def teacher_train_loop(config: dict) -> None:
     import ray.train
 
     from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
-    from promptmm_dist.ray_setup import make_reporter
+    from promptmm_dist.ray_setup import make_reporter, rank_device
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     cfg = config_from_dict(config["cfg"])
     spec = config["dataset"]
-    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, cfg.teacher.norm, cfg.dist.exchange)
+    rd, world, graph = setup_rank(spec, config["num_shards"], rank, size, cfg.teacher.norm, cfg.dist.exchange,
+                                  device=rank_device(cfg.dist.use_gpu))
     teacher = build_rank_teacher(rd, cfg, config.get("token_cache"))
     shards = config["shards"]
     mine = rank_shards(len(shards), rank, size)

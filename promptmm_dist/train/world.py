@@ -1,5 +1,10 @@
 """The process group a training loop runs in: one process locally, W ranks under Ray Train.
 
+Devices: a rank's model, tables and row exchanges live on its device (`World.device`); small control
+values (counts, loss and metric sums, checkpoint gathers) stay on the CPU. `group_for(t)` routes a
+collective: device tensors through the default group (NCCL on GPU), CPU tensors through gloo (the
+default group itself on CPU, a second gloo group beside NCCL, which only moves device tensors).
+
 Loops ask for their rank, the world size, reductions, a rank's share of the global batch and a
 gradient sync; here (one process, whole tables) those are no-ops. The partitioned world
 (`partition.world.PartitionedWorld`) implements them over W ranks, so the same loop runs in one
@@ -8,23 +13,44 @@ process and on W ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+_CONTROL_GROUPS: dict[int, object] = {}
+
+
+def control_group():
+    """A gloo group over all ranks for CPU tensors, or None (the default group) when the default
+    backend is gloo already. Created on first use; every rank reaches its first CPU collective at the
+    same call (collectives are matched), so the collective `new_group` is entered by all in order."""
+    if not dist.is_initialized() or "gloo" in str(dist.get_backend()):  # gloo, or "cpu:gloo,cuda:nccl"
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CONTROL_GROUPS:
+        _CONTROL_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUPS[key]
+
+
+def group_for(t: torch.Tensor):
+    """The group a collective on `t` runs in: device tensors the default group, CPU tensors gloo."""
+    return control_group() if t.device.type == "cpu" else None
 
 
 @dataclass
 class World:
     rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     partitioned = False  # tables are whole here
 
     @classmethod
-    def current(cls) -> "World":
+    def current(cls, device: torch.device | None = None) -> "World":
+        device = device or torch.device("cpu")
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(device=device)
 
     @property
     def is_main(self) -> bool:
@@ -32,12 +58,12 @@ class World:
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group_for(t))
         return t
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=control_group())
 
     def batch_share(self, n_local: int) -> float:
         """Weight of this process's mean batch loss in the global batch's loss."""
