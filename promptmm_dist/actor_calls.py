@@ -54,3 +54,13 @@ def bounded_wait(refs: list, what: str, timeout_s: float) -> None:
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     if len(ready) < len(refs):
         raise timeout_error(what, timeout_s)
+
+
+def current_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): what `metrics.json` "placement" records."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
+        return None

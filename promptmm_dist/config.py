@@ -119,6 +119,8 @@ class DistConfig:
     # rank's fetch of an epoch, a teacher or shard call); when hit, the run fails with one line naming
     # what was waited for. Waits on training itself (the producer waiting for ranks to finish an epoch)
     # are not bounded by it: Ray Train's own failure handling ends those
+    placement: str = "SPREAD"  # Train ranks over nodes (ScalingConfig placement_strategy): SPREAD puts them on
+    # different nodes where there are several (each then uses its node's CPUs), PACK fills a node first
     exchange: str = "needed"  # per-hop row exchange of partitioned propagation: "needed" (only the rows a
     # rank's adjacency rows read) or "all" (every row: the all-gather cost model, for comparison)
 
@@ -209,6 +211,7 @@ RULES: dict[str, Rule] = {
     "dist.num_workers": NON_NEGATIVE, "dist.num_shards": AT_LEAST_ONE, "dist.num_teacher_workers": AT_LEAST_ONE,
     "dist.cpus_per_worker": POSITIVE, "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
     "dist.exchange": Rule(choices=("needed", "all")),
+    "dist.placement": Rule(choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")),
 }
 
 

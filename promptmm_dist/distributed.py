@@ -67,6 +67,10 @@ class DistributedRun:
         self.shard_info = bounded_get([s.info.remote() for s in self.shards], "the shard actors (loading)",
                                       cfg.dist.actor_timeout_s)
         self.total_pairs = sum(i["train_pairs"] for i in self.shard_info)
+        # where things ran (metrics.json "placement"): node ids of the shards, the TeacherWorkers, the ranks
+        self.placement: dict[str, list] = {"teacher": [], "student": [], "teacher_workers": [],
+                                           "shards": bounded_get([s.node_id.remote() for s in self.shards],
+                                                                 "the shard actors (node ids)", cfg.dist.actor_timeout_s)}
         # the TeacherWorkers still build the whole teacher from the whole dataset (issue 10 splits them)
         self.data_ref = ray.put(data) if shared is None else shared["data_ref"]
         aux = ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers
@@ -100,11 +104,13 @@ class DistributedRun:
         stage = self._stage("teacher", stage_fingerprint(self.cfg, "teacher", self.data.manifest_sha256))
         if stage.finished:  # a rerun into the same --out: same inputs, so the same teacher
             log(f"teacher: reusing the finished stage in {folder}")
+            self.placement["teacher"] = _rank_placement(folder)
             return folder, stage.meta()
         config = {**self._loop_config(), "shards": self.shards,
                   **ray_loop_config(stage, latest_resume(stage)[1])}
         result = self._fit(teacher_train_loop, "teacher", config)
         _take_checkpoint(result, folder)
+        self.placement["teacher"] = _rank_placement(folder)
         teacher = self.load_teacher(folder)
         with torch.no_grad():
             o = teacher(GraphPropagator.from_train(self.data.train_csr, self.cfg.teacher.norm))
@@ -161,6 +167,7 @@ class DistributedRun:
                                                           load_state(Path(ckpt))))
         if stage.finished:  # a rerun into the same --out: same inputs and teacher, so the same student
             log(f"student: reusing the finished stage in {stage.folder}")
+            self.placement["student"] = _rank_placement(stage.folder)
             return stage.meta()
         first_epoch, prompt, resume_path = self._cache_start(stage)
         timeout = cfg.dist.actor_timeout_s
@@ -168,6 +175,8 @@ class DistributedRun:
         workers = [worker_cls.remote(self.data_ref, cfg.to_dict(), ckpt) for _ in range(cfg.dist.num_teacher_workers)]
         directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote(timeout)
         try:
+            self.placement["teacher_workers"] = bounded_get([w.node_id.remote() for w in workers],
+                                                            "the TeacherWorkers (node ids)", timeout)
             n_ranks = max(cfg.dist.num_workers, 1)
             cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
                                      cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
@@ -191,6 +200,7 @@ class DistributedRun:
                 raise cache.error
             folder = self.out / "student"
             _take_checkpoint(result, folder)
+            self.placement["student"] = _rank_placement(folder)
             student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
                                teacher_dim=cfg.teacher.embed_dim)
             student.load_state_dict(load_state(folder / "student.pt"))
@@ -264,6 +274,12 @@ def _take_checkpoint(result, folder: Path) -> None:
     ray_setup.release_staged_checkpoint(result.checkpoint.path)
 
 
+def _rank_placement(folder: Path) -> list:
+    """Node id of each rank of a stage, in rank order (rank 0 writes it into the checkpoint)."""
+    path = folder / ray_setup.PLACEMENT_FILE
+    return json.loads(path.read_text())["ranks"] if path.exists() else []
+
+
 def _history(folder: Path) -> list[dict]:
     """Per-epoch rows, written by rank 0 into the final checkpoint."""
     path = folder / "history.jsonl"
@@ -301,5 +317,6 @@ def run_distributed(data: InteractionData, cfg: Config, out: Path, stages=("teac
         metrics["params"] = {"teacher_total": metrics["teacher"]["teacher_params"],
                              "student_total": metrics["student"]["student_total"],
                              "student_inference": metrics["student"]["student_inference"]}
+    metrics["placement"] = run.placement
     metrics["timings"] = {**run.timings, "total_s": time.perf_counter() - t0}
     return metrics

@@ -194,6 +194,25 @@ def rank_device(use_gpu: bool) -> "torch.device":
     return device
 
 
+PLACEMENT_FILE = "placement.json"  # in a stage's checkpoint: the node id of each rank, in rank order
+
+
+def rank_nodes(world) -> list[str | None]:
+    """Every rank's Ray node id in rank order (collective; CPU group). Rank 0 writes it into the stage's
+    checkpoint, so the driver learns where the ranks ran whatever the filesystem."""
+    import torch.distributed as dist
+
+    from promptmm_dist.actor_calls import current_node_id
+    from promptmm_dist.train.world import control_group
+
+    mine = current_node_id()
+    if world.world_size == 1:
+        return [mine]
+    out: list = [None] * world.world_size
+    dist.all_gather_object(out, mine, group=control_group())
+    return out
+
+
 def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: list | None = None):
     """ScalingConfig + RunConfig for a stage (Train V2; storage always explicit). `callbacks`: Train
     callbacks, e.g. Tune's TuneReportCallback when a Tune trial launches the trainer."""
@@ -201,7 +220,7 @@ def trainer_configs(cfg: Config, name: str, out: Path, cpus: float, callbacks: l
 
     storage = Path(cfg.dist.storage_path or (out / "ray")).resolve()
     scaling = ScalingConfig(num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu,
-                            resources_per_worker={"CPU": cpus})
+                            resources_per_worker={"CPU": cpus}, placement_strategy=cfg.dist.placement)
     run = RunConfig(name=name, storage_path=str(storage),
                     checkpoint_config=CheckpointConfig(num_to_keep=1), callbacks=callbacks,
                     # a lost worker restarts the group from the latest (every-epoch) checkpoint

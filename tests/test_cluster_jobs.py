@@ -172,6 +172,15 @@ def test_first_job_submit_to_a_fresh_local_cluster(tmp_path):
         head = {n["node_id"] for n in nodes if n["is_head_node"]}
         train_nodes = {a["node_id"] for a in _state_api(state, "actors") if a["class_name"] == "RayTrainWorker"}
         assert train_nodes and not (train_nodes & head), (train_nodes, head)
+        # ... one rank per worker node (SPREAD), as each stage's ranks recorded in metrics.json
+        placement = metrics["placement"]
+        cluster_nodes = {n["node_id"] for n in nodes}
+        for stage in ("teacher", "student"):
+            ranks = placement[stage]
+            assert len(ranks) == TRAIN_WORKERS and len(set(ranks)) == TRAIN_WORKERS, (stage, placement)
+            assert not set(ranks) & head and set(ranks) <= cluster_nodes, (stage, placement, head)
+        assert len(placement["shards"]) == 2 and set(placement["shards"]) <= cluster_nodes, placement
+        assert placement["teacher_workers"] and set(placement["teacher_workers"]) <= cluster_nodes, placement
         for d in node_dirs[1:]:
             assert list(d.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")), d
 
@@ -198,6 +207,20 @@ def test_first_job_submit_to_a_fresh_local_cluster(tmp_path):
         stop_result, survivors = _stop_cluster(state_dir, state)
     assert stop_result.get("remaining") == [], f"cluster stop left processes: {stop_result}"
     assert not survivors, f"processes of the test cluster still alive: {survivors}"
+
+    # the same job as a local run (one node, its own Ray) with the same seed: the same model within 3%
+    local_out = tmp_path / "local"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    local = subprocess.run([sys.executable, "-m", "promptmm_dist", "run", "--data", data, "--out", str(local_out),
+                            "--set", "teacher.epochs=2", "--set", "student.epochs=2",
+                            "--num-workers", str(TRAIN_WORKERS), "--num-shards", "2", "--json"],
+                           capture_output=True, text=True, timeout=420, cwd=REPO, env=env)
+    assert local.returncode == 0, local.stderr[-4000:]
+    local_metrics = json.loads((local_out / "metrics.json").read_text())
+    for stage in ("teacher", "student"):
+        a, b = local_metrics[stage]["test"]["recall@20"], metrics[stage]["test"]["recall@20"]
+        print(f"{stage} test recall@20: cluster job {b:.5f}, local run {a:.5f}")
+        assert b == pytest.approx(a, rel=0.03), (stage, a, b)
 
 
 def _stop_cluster(state_dir: Path, state: dict | None) -> tuple[dict, list[int]]:

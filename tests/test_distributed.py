@@ -161,6 +161,13 @@ def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp
     assert "using 2 shards instead of 1" in capfd.readouterr().err
     assert metrics["num_workers"] == 2
     assert 0.0 <= metrics["student"]["val"]["recall@20"] <= 1.0
+    # where things ran: one node id per rank of each stage, per shard and per TeacherWorker (one node here)
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    placement = metrics["placement"]
+    assert placement["teacher"] == [here, here] and placement["student"] == [here, here], placement
+    assert placement["shards"] == [here] * 2 and placement["teacher_workers"] == [here] * cfg.dist.num_teacher_workers
     state = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
     assert state["projector.weight"].shape == (16, 8)
     torch.manual_seed(cfg.seed)  # the projector's initial weights, drawn as the student was built

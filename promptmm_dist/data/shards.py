@@ -60,6 +60,12 @@ class ShardState:
                 "val_users": int(len(np.unique(self.eval_pairs["val"][0]))),
                 "test_users": int(len(np.unique(self.eval_pairs["test"][0])))}
 
+    def node_id(self) -> str | None:
+        """The Ray node this shard runs on (`metrics.json` "placement")."""
+        from promptmm_dist.actor_calls import current_node_id
+
+        return current_node_id()
+
     def pid(self) -> int:
         """This actor's process id (fault-injection tests and benchmarks)."""
         import os

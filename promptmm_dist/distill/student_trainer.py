@@ -58,7 +58,8 @@ def student_train_loop(config: dict) -> None:
     import ray.train
 
     from promptmm_dist.partition.setup import setup_rank
-    from promptmm_dist.ray_setup import make_reporter, rank_device
+    from promptmm_dist.ray_setup import PLACEMENT_FILE, make_reporter, rank_device, rank_nodes
+    from promptmm_dist.run_io import write_json
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,9 +82,12 @@ def student_train_loop(config: dict) -> None:
                        projector=student.projector, n_steps=steps_per_epoch(config["total_pairs"], sc.batch_size))
     kd = RankKD(cache, rd, world)
 
+    nodes = rank_nodes(world)  # where each rank runs (metrics.json "placement")
+
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "student", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
+        write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)

@@ -148,6 +148,12 @@ class TeacherWorker:
             cpus = None
         return {"cpus": cpus, "threads": torch.get_num_threads()}
 
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (`metrics.json` "placement")."""
+        from promptmm_dist.actor_calls import current_node_id
+
+        return current_node_id()
+
     def pid(self) -> int:
         """This worker's process id (fault-injection tests and benchmarks)."""
         import os

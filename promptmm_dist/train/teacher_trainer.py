@@ -38,7 +38,8 @@ def teacher_train_loop(config: dict) -> None:
     import ray.train
 
     from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
-    from promptmm_dist.ray_setup import make_reporter, rank_device
+    from promptmm_dist.ray_setup import PLACEMENT_FILE, make_reporter, rank_device, rank_nodes
+    from promptmm_dist.run_io import write_json
 
     ctx = ray.train.get_context()
     rank, size = ctx.get_world_rank(), ctx.get_world_size()
@@ -54,9 +55,12 @@ def teacher_train_loop(config: dict) -> None:
     if world.is_main:
         worker_log(f"teacher: partitioned over {rd.plan.describe()}")
 
+    nodes = rank_nodes(world)  # where each rank runs (metrics.json "placement")
+
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "teacher", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
+        write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
