@@ -110,7 +110,9 @@ class DistConfig:
     # run on Ray even with 0 workers and 1 shard (Train loops in the driver); any of --num-workers,
     # --num-shards, --address given on the command line sets it, so `--num-workers 0` means Ray local mode
     use_ray: bool = False
-    cpus_per_worker: float = 1.0
+    # CPUs per Train worker; None = what each node offers divided by the ranks placed on it (less the
+    # small shard/teacher actors), so a rank on a 16-core node trains on 16 threads
+    cpus_per_worker: float | None = None
     use_gpu: bool = False
     storage_path: str | None = None  # Ray Train storage; default: <out>/ray
     max_failures: int = 3  # Ray Train worker-group restarts per stage (FailureConfig) before the run fails;
@@ -156,8 +158,11 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] | None = None
+    optional: bool = False  # None allowed too (it means "automatic")
 
     def describe(self) -> str:
+        if self.optional:
+            return Rule(self.low, self.high, self.low_open, self.high_open, self.choices).describe() + " or null (auto)"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         if self.low is not None and self.high is not None:
@@ -168,6 +173,8 @@ class Rule:
         return f"{'<' if self.high_open else '<='} {self.high:g}"
 
     def allows(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
         if self.choices is not None:
             return value in self.choices
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -209,7 +216,7 @@ RULES: dict[str, Rule] = {
     "student.dkd_alpha": NON_NEGATIVE, "student.dkd_beta": NON_NEGATIVE, "student.norm": NORMS,
     "student.smooth_window": AT_LEAST_ONE,
     "dist.num_workers": NON_NEGATIVE, "dist.num_shards": AT_LEAST_ONE, "dist.num_teacher_workers": AT_LEAST_ONE,
-    "dist.cpus_per_worker": POSITIVE, "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
+    "dist.cpus_per_worker": Rule(low=0, low_open=True, optional=True), "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
     "dist.exchange": Rule(choices=("needed", "all")),
     "dist.placement": Rule(choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")),
 }

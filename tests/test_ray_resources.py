@@ -57,6 +57,17 @@ def test_torch_threads_are_the_whole_cpus_reserved(cpus, threads):
     assert torch_threads(cpus) == threads
 
 
+def test_the_default_is_auto_and_a_set_share_must_be_positive():
+    from promptmm_dist.config import Config, ConfigError, validate
+
+    cfg = Config()
+    assert cfg.dist.cpus_per_worker is None and ray_setup.requested_cpus(cfg.dist) is None
+    validate(cfg)  # None (auto) is allowed
+    cfg.dist.cpus_per_worker = -1.0
+    with pytest.raises(ConfigError, match="dist.cpus_per_worker' must be > 0 or null"):
+        validate(cfg)
+
+
 def test_requested_cpus_unset_or_zero_means_auto():
     assert ray_setup.requested_cpus(DistConfig(cpus_per_worker=None)) is None
     assert ray_setup.requested_cpus(DistConfig(cpus_per_worker=0)) is None

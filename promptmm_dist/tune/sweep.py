@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from promptmm_dist import ray_setup
 from promptmm_dist.config import Config
 from promptmm_dist.errors import ConfigError
 from promptmm_dist.tune import space as S
@@ -49,7 +50,7 @@ def plan_resources(cfg: Config, total_cpus: float, total_gpus: float, num_sample
     """Trials run at once (K) and CPUs per Train worker so that K trials fit the cluster together:
     K * (TRIAL_CPU + workers * cpus_per_worker) <= total CPUs."""
     workers = max(1, cfg.dist.num_workers)
-    want = max(cfg.dist.cpus_per_worker, 0.01)
+    want = max(ray_setup.requested_cpus(cfg.dist) or 1.0, 0.01)  # unset: a CPU each, trials side by side
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError("--max-concurrent must be >= 1")
     k = max_concurrent or max(1, int(math.floor(total_cpus / (workers * want) + 1e-9)))
