@@ -95,11 +95,14 @@ def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subse
                    for r in ranks)
 
 
-def test_two_rank_teacher_follows_the_one_process_loss_curve(subset):
+@pytest.mark.parametrize("backbone", ["promptmm", "contrastive"])
+def test_two_rank_teacher_follows_the_one_process_loss_curve(subset, backbone):
     """Same global batch and seed: 3 epochs of the real teacher on 2 ranks = on 1 rank, loss and
-    validation, while each rank holds only its rows of the embedding tables."""
+    validation, while each rank holds only its rows of the embedding tables. The contrastive backbone's
+    InfoNCE is over the global batch's distinct users and items, so it adds up across ranks too."""
     data, spec = subset
     cfg = Config()
+    cfg.teacher.backbone = backbone
     cfg.teacher.epochs, cfg.teacher.embed_dim, cfg.teacher.batch_size = 3, 16, 512
     cfg.teacher.dropout = 0.0  # dropout masks are drawn per process: off for an exact comparison
     cfg.prompt.prompt_dropout = 0.0
@@ -107,7 +110,7 @@ def test_two_rank_teacher_follows_the_one_process_loss_curve(subset):
     two = run_group(teacher_curve_rank, 2, spec, 4, cfg.to_dict())
     assert len(one["history"]) == 3
     for a, b in zip(one["history"], two[0]["history"]):
-        for k in ("loss_bpr", "loss_modal_bpr", "loss_prompt_bpr"):
+        for k in ("loss_bpr", "loss_modal_bpr", "loss_prompt_bpr") + (("loss_cl",) if backbone == "contrastive" else ()):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["epoch"], k)
         assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-9)
         assert b["val"]["ndcg@20"] == pytest.approx(a["val"]["ndcg@20"], rel=1e-4)

@@ -23,7 +23,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-COLLECTIVE_CALLS = ("all_reduce", "all_to_all_single", "all_gather_single", "reduce_scatter", "gather", "barrier")
+COLLECTIVE_CALLS = ("all_reduce", "all_to_all_single", "all_gather", "all_gather_single", "reduce_scatter", "gather",
+                    "barrier")
 
 
 def emulate_nccl_default_group() -> None:

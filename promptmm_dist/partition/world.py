@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from promptmm_dist.partition.exchange import COLLECTIVES
+from promptmm_dist.partition.exchange import COLLECTIVES, gather_rows
 from promptmm_dist.partition.plan import PartitionPlan
 from promptmm_dist.train.world import World, control_group, group_for
 
@@ -80,6 +80,17 @@ class PartitionedWorld(World):
         with COLLECTIVES.timing():
             dist.all_reduce(mask, group=group_for(mask))
         return torch.nonzero(mask, as_tuple=True)[0]
+
+    def gather_batch_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's `rows` (a different number per rank and step) in rank order, differentiable:
+        the backward returns each rank its rows' gradient (reduce-scatter)."""
+        if self.world_size == 1:
+            return rows
+        n = torch.tensor([rows.shape[0]], dtype=torch.int64)
+        counts = [torch.zeros_like(n) for _ in range(self.world_size)]
+        with COLLECTIVES.timing():
+            dist.all_gather(counts, n, group=group_for(n))
+        return gather_rows(rows, [int(c) for c in counts], self.rank)
 
     # ---- tables -------------------------------------------------------------------------------
     def init_tables(self, model: torch.nn.Module, seed: int) -> None:

@@ -183,9 +183,13 @@ def optimizer_step(loss: torch.Tensor, parts: dict[str, float], n: int, model: t
 
 
 def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tensor,
-                 items: torch.Tensor, cfg: TeacherConfig, prompt_cfg: PromptConfig
+                 items: torch.Tensor, cfg: TeacherConfig, prompt_cfg: PromptConfig,
+                 view_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
-    """BPR on fused + lambda_m * sum_m BPR on h^m + lambda_p * prompt BPR + L2 (DESIGN 2)."""
+    """BPR on fused + lambda_m * sum_m BPR on h^m + lambda_p * prompt BPR + L2 (DESIGN 2), plus the
+    views' InfoNCE for contrastive backbones. `view_rows`: each view's (user rows, item rows) of the
+    batch's distinct users and positives, when the caller selects them (a rank holding part of the
+    global batch passes the whole batch's); default: this batch's, from `out.views`."""
     pos, neg = items[:, 0], items[:, 1]
     pair = items[:, :2]
     fused = list_logits(out.user, out.item, users, pair)
@@ -201,21 +205,29 @@ def teacher_loss(out: TeacherOutput, base: list[torch.Tensor], users: torch.Tens
     parts = {"bpr": float(loss_bpr.detach()), "modal_bpr": float(loss_modal.detach()),
              "prompt_bpr": float(loss_prompt.detach())}
     if out.views and cfg.lambda_cl > 0:
-        loss_cl = view_alignment(out.views, torch.unique(users), torch.unique(pos), cfg.cl_tau)
+        if view_rows is None:
+            view_rows = batch_view_rows(out.views, torch.unique(users), torch.unique(pos))
+        loss_cl = view_alignment(view_rows, cfg.cl_tau)
         loss = loss + cfg.lambda_cl * loss_cl
         parts["cl"] = float(loss_cl.detach())
     return loss, parts
 
 
-def view_alignment(views: dict[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor,
-                   items: torch.Tensor, tau: float) -> torch.Tensor:
-    """InfoNCE between each pair of views, on the batch's distinct users and positive items."""
-    names = list(views)
-    loss = views[names[0]][0].new_zeros(())
+def batch_view_rows(views: dict[str, tuple[torch.Tensor, torch.Tensor]], users: torch.Tensor,
+                    items: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each view's rows of the given users and items (the InfoNCE rows)."""
+    return {v: (u[users], i[items]) for v, (u, i) in views.items()}
+
+
+def view_alignment(rows: dict[str, tuple[torch.Tensor, torch.Tensor]], tau: float) -> torch.Tensor:
+    """InfoNCE between each pair of views, on their rows of the batch's distinct users and positive
+    items (row k of every view is the same user / item; the order does not matter)."""
+    names = list(rows)
+    loss = rows[names[0]][0].new_zeros(())
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            loss = loss + info_nce(views[a][0][users], views[b][0][users], tau)
-            loss = loss + info_nce(views[a][1][items], views[b][1][items], tau)
+            loss = loss + info_nce(rows[a][0], rows[b][0], tau)
+            loss = loss + info_nce(rows[a][1], rows[b][1], tau)
     return loss
 
 

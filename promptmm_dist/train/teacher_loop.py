@@ -107,7 +107,15 @@ def teacher_step(teacher: PromptMMTeacher, module: torch.nn.Module, graph: Graph
     global batch's loss parts. Every rank calls it at every step, an empty part included."""
     out, item_base = gather_item_side(module(graph), teacher.base_embeddings()[1], graph)
     users, items = id_tensor(batch.users, item_base.device), id_tensor(batch.items, item_base.device)
-    loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, cfg.teacher, cfg.prompt)
+    view_rows = None
+    if out.views and cfg.teacher.lambda_cl > 0 and world.world_size > 1:
+        # InfoNCE is over the global batch's distinct users and positives: every rank takes the union
+        # (its users' rows gathered from all ranks, items by the summed mask) and weighs it by its share
+        pos = world.distinct_items(items[:, 0], item_base.shape[0])
+        mine = torch.unique(users)
+        view_rows = {v: (world.gather_batch_rows(u[mine]), i[pos]) for v, (u, i) in out.views.items()}
+    loss, parts = teacher_loss(out, [teacher.base_embeddings()[0], item_base], users, items, cfg.teacher, cfg.prompt,
+                               view_rows=view_rows)
     n = len(batch)
     return optimizer_step(loss, parts, n, teacher, opt, world)
 

@@ -79,6 +79,10 @@ class World:
         """The distinct item ids of the global batch, sorted (here: of this process's batch)."""
         return torch.unique(items)
 
+    def gather_batch_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows for this step, concatenated in rank order (here: this process's)."""
+        return rows
+
     def full_state_dict(self, state: dict) -> dict | None:
         """The whole model's state (checkpoints); the same dict here."""
         return state
