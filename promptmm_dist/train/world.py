@@ -45,13 +45,6 @@ class World:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     partitioned = False  # tables are whole here
 
-    @classmethod
-    def current(cls, device: torch.device | None = None) -> "World":
-        device = device or torch.device("cpu")
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), device)
-        return cls(device=device)
-
     @property
     def is_main(self) -> bool:
         return self.rank == 0
