@@ -33,13 +33,19 @@ def run_mode(mode: str, data: str, out: Path, overrides: list[str], seed: int) -
     if proc.returncode != 0:
         sys.exit(f"run {mode} failed:\n{proc.stderr[-3000:]}")
     m = json.loads(proc.stdout.strip().splitlines()[-1])
+    # a finished folder is reused (no stage trains): the stage times are those its meta recorded
+    reused = "teacher_s" not in m["timings"] or "student_s" not in m["timings"]
+    teacher_s = m["timings"].get("teacher_s", m["teacher"].get("train_seconds", float("nan")))
+    student_s = m["timings"].get("student_s", m["student"].get("train_seconds", float("nan")))
+    if reused:
+        wall = teacher_s + student_s
     return {"mode": mode, "seed": seed, "num_workers": "-" if mode == "local" else int(mode),
             "num_shards": "-" if mode == "local" else 2,
             "teacher_test_recall@20": m["teacher"]["test"]["recall@20"],
             "student_test_recall@20": m["student"]["test"]["recall@20"],
             "student_test_ndcg@20": m["student"]["test"]["ndcg@20"],
             "student_best_epoch": m["student"]["best_epoch"],
-            "teacher_s": m["timings"]["teacher_s"], "student_s": m["timings"]["student_s"], "wall_s": wall}
+            "teacher_s": teacher_s, "student_s": student_s, "wall_s": wall, "reused": reused}
 
 
 def main() -> None:
