@@ -35,6 +35,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def high_water_mib() -> float | None:
+    """This process's peak RSS since the last `reset_high_water` (VmHWM; None where /proc has none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_high_water() -> None:
+    """Restart VmHWM from the current RSS (Linux: "5" > /proc/self/clear_refs), to split setup from steps."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def ensure_data(folder: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
     """The synthetic canonical folder (generated in a subprocess when missing); its manifest."""
     from promptmm_dist.data.formats import read_manifest
@@ -88,6 +107,8 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
         opt = torch.optim.Adam(model.parameters(), lr=sc.lr)
     model.train()
     setup_s = time.perf_counter() - t0
+    setup_peak = high_water_mib()
+    reset_high_water()
     world.barrier()
     walls, exchange, losses = [], [], []
     for batch in batches:
@@ -105,7 +126,9 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
     n_timed = len(walls[timed])
     stats = graph.exchange_stats()
     held = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    step_peak = high_water_mib()
     return {"rank": rank, "stage": stage, "peak_rss_mib": round(peak_rss_mib(), 1), "setup_s": round(setup_s, 2),
+            "setup_peak_rss_mib": setup_peak and round(setup_peak, 1), "step_peak_rss_mib": step_peak and round(step_peak, 1),
             "steps": len(walls), "step_s": wall / max(n_timed, 1),
             "exchange_s": float(np.sum(exchange[timed])) / max(n_timed, 1),
             "bytes_received_per_hop": 4.0 * stats["values_received_per_hop"], "hops": stats["hops"],
@@ -125,20 +148,23 @@ def run_stage(spec: dict, workers: int, num_shards: int, cfg_dict: dict, stage: 
             "compute_s": max(r["step_s"] - r["exchange_s"] for r in ranks), "exchange_s": exchange_s,
             "bytes_per_hop": max(r["bytes_received_per_hop"] for r in ranks),
             "rank_peak_rss_mib": max(r["peak_rss_mib"] for r in ranks), "wall_s": time.perf_counter() - t0,
+            "rank_setup_peak_mib": max((r["setup_peak_rss_mib"] or 0.0) for r in ranks),
+            "rank_step_peak_mib": max((r["step_peak_rss_mib"] or 0.0) for r in ranks),
             "ranks": ranks}
 
 
 def markdown(runs: dict[str, dict], sizes: str) -> str:
-    head = ("| W | stage | rank peak RSS MiB (each) | setup s | steps/s | s/step compute | s/step exchange "
-            "| MiB received per hop per rank | rows held per rank (users / items) |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| W | stage | rank peak RSS MiB (each) | peak in setup / in steps MiB (max rank) | setup s | steps/s "
+            "| s/step compute | s/step exchange | MiB received per hop per rank | rows held per rank (users / items) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"Synthetic data: {sizes}.", "", head]
     for w, run in runs.items():
         for stage, s in run.items():
             rss = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in s["ranks"])
             setup = max(r["setup_s"] for r in s["ranks"])
             rows = " ; ".join(f"{r['users']:,} / {r['items']:,}" for r in s["ranks"])
-            lines.append(f"| {w} | {stage} | {rss} | {setup:.1f} | {s['steps_per_s']:.3f} | {s['compute_s']:.3f} | "
+            phases = f"{s['rank_setup_peak_mib']:.0f} / {s['rank_step_peak_mib']:.0f}"
+            lines.append(f"| {w} | {stage} | {rss} | {phases} | {setup:.1f} | {s['steps_per_s']:.3f} | {s['compute_s']:.3f} | "
                          f"{s['exchange_s']:.3f} | {s['bytes_per_hop'] / 2**20:.1f} | {rows} |")
     return "\n".join(lines)
 
