@@ -132,7 +132,7 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
             "steps": len(walls), "step_s": wall / max(n_timed, 1),
             "exchange_s": float(np.sum(exchange[timed])) / max(n_timed, 1),
             "bytes_received_per_hop": 4.0 * stats["values_received_per_hop"], "hops": stats["hops"],
-            "users": int(rd.n_users), "items": int(rd.n_items), "adjacency_nnz": int(graph.nodes.local.nnz),
+            "users": int(rd.n_users), "items": int(rd.n_items), "adjacency_nnz": int(graph.nodes.nnz),
             "rows_held": {k: v[0] for k, v in held.items() if k in ("user_emb.weight", "item_emb.weight")},
             "losses": losses}
 

@@ -91,6 +91,12 @@ class _FetchRows(torch.autograd.Function):
         return out, None
 
 
+def return_rows(grad: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
+    """The reverse of a fetch, without autograd: each fetched row's `grad` goes back to its owner;
+    returns, on the owner, the gradients of the rows it sent (`routes.send_index` order, not summed)."""
+    return _all_to_all(grad, routes.send_counts, routes.recv_counts)
+
+
 def fetch_rows(x: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
     """Rows this rank needs from its peers (in peer order, each peer's rows as routed)."""
     return _FetchRows.apply(x, routes)

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, fetch_rows
+from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, fetch_rows, return_rows as _return_rows
 
 
 class LocalSparse:
@@ -49,6 +49,18 @@ class LocalSparse:
             x = x.float()
         return _SparseProduct.apply(x, self)
 
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """A x without autograd (x float32, on the CPU or a device)."""
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.asarray(self.csr @ x.detach().contiguous().numpy()))
+        return self.on(x.device)[0] @ x
+
+    def mul_t(self, g: torch.Tensor) -> torch.Tensor:
+        """A^T g without autograd."""
+        if g.device.type == "cpu":
+            return torch.from_numpy(np.asarray(self.csr_t @ g.contiguous().numpy()))
+        return self.on(g.device)[1] @ g
+
 
 def torch_csr(m: sp.csr_matrix) -> torch.Tensor:
     with warnings.catch_warnings():
@@ -63,16 +75,37 @@ class _SparseProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, m: LocalSparse) -> torch.Tensor:  # noqa: ANN001
         ctx.m = m
-        if x.device.type == "cpu":
-            return torch.from_numpy(np.asarray(m.csr @ x.detach().contiguous().numpy()))
-        return m.on(x.device)[0] @ x
+        return m.mul(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
-        m: LocalSparse = ctx.m
-        if grad.device.type == "cpu":
-            return torch.from_numpy(np.asarray(m.csr_t @ grad.contiguous().numpy())), None
-        return m.on(grad.device)[1] @ grad, None
+        return ctx.m.mul_t(grad), None
+
+
+class _Hop(torch.autograd.Function):
+    """y = A_own x + A_halo halo, the halo fetched from the owners inside: neither the halo nor the
+    [x; halo] concatenation outlives the forward (the product's backward needs no input), and the
+    backward sends the halo's gradient back before it makes the own rows' one. Peak extra memory per hop
+    is the halo (about (U + I) x d x (W - 1) / W on a graph without locality), not [x; halo]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: "PartitionedSpMM") -> torch.Tensor:  # noqa: ANN001
+        ctx.op = op
+        routes = op.routes_on(x.device)
+        halo = fetch_rows(x.detach(), routes)  # inside a Function: a plain exchange, no graph recorded
+        op.values_received += int(halo.numel())
+        y = op.own.mul(x)
+        y += op.remote.mul(halo)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        op = ctx.op
+        routes = op.routes_on(grad.device)
+        back = _return_rows(op.remote.mul_t(grad), routes)  # the halo rows' gradient, summed at the owners
+        out = op.own.mul_t(grad)
+        out.index_add_(0, routes.send_index, back)
+        return out, None
 
 
 class PartitionedSpMM:
@@ -113,14 +146,18 @@ class PartitionedSpMM:
         a = sp.csr_matrix((np.asarray(vals, np.float32), (np.asarray(rows, np.int64), ext_col)),
                           shape=(n_out, n_ext))
         a.sum_duplicates()
-        self.local = LocalSparse(a)
+        self.n_rows, self.nnz = a.shape[0], int(a.nnz)
+        # own columns and halo columns apart: a hop multiplies each with its block, never [x; halo]
+        self.own = LocalSparse(a[:, :n_in])
+        self.remote = LocalSparse(a[:, n_in:])
+        del a
         self._device_routes: dict[str, RowRoutes] = {}
         self.calls = 0
         self.values_received = 0  # floats fetched from peers, all calls (bench: bytes exchanged per hop)
 
     @property
     def n_out(self) -> int:
-        return self.local.shape[0]
+        return self.n_rows
 
     def routes_on(self, device: torch.device) -> RowRoutes:
         key = str(device)
@@ -130,8 +167,8 @@ class PartitionedSpMM:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        if x.dtype != torch.float32:
+            x = x.float()
         if self.world_size == 1:
-            return self.local @ x
-        halo = fetch_rows(x, self.routes_on(x.device))
-        self.values_received += int(halo.numel())
-        return self.local @ torch.cat([x, halo])
+            return self.own @ x
+        return _Hop.apply(x, self)
