@@ -7,7 +7,9 @@ teacher and student for S steps on a synthetic dataset; per-rank memory, step sp
 The data is generated once (`promptmm data synth`, in its own process) into `--data-dir` and reused.
 The driver (this process) reads the manifest only: the ranks read their users' Parquet rows and their
 items' feature rows themselves. Teacher and student run in separate rank processes so each stage's
-peak RSS is its own. With every W the same global batch (N = max W user shards), so step counts and
+peak RSS is its own. A rank draws its shards' samples in its own process first (in the product the shards
+are separate actors) and its peak is counted from after they are freed, split into setup and steps
+(VmHWM reset in between; the rank's peak is the larger). With every W the same global batch (N = max W user shards), so step counts and
 samples agree across W. The student steps are BPR + L2 over the propagated graph (the KD terms are
 elementwise on the batch; the soft-ranking cache is benchmarked in bench/cache_bench.py).
 
@@ -19,6 +21,7 @@ top level (`rank_peak_rss_mib`, `driver_peak_rss_mib`, `teacher_steps_per_s`, `s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import sys
@@ -82,20 +85,27 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
     from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
     from promptmm_dist.train.student_loop import student_step
     from promptmm_dist.train.teacher_loop import steps_per_epoch, teacher_optimizer, teacher_step
+    from promptmm_dist.train.world import World
 
     cfg = config_from_dict(cfg_dict)
-    t0 = time.perf_counter()
-    rd, world, graph = setup_rank(spec, num_shards, rank, world_size, cfg.teacher.norm, cfg.dist.exchange)
+    # the samples first: in the product the shards are actors of their own, so their memory is not the
+    # rank's; the rank's peak is measured from after they are gone (VmHWM reset)
     parquet = str(Path(spec["dir"]) / "interactions.parquet")
     mine = rank_shards(num_shards, rank, world_size)
     shards = [ShardState(parquet, k, num_shards, spec["n_users"], spec["n_items"]) for k in mine]
-    pairs = world.all_reduce_sum(torch.tensor([float(sum(s.sampler.n_pairs for s in shards))], dtype=torch.float64))
+    pairs = World(rank, world_size).all_reduce_sum(
+        torch.tensor([float(sum(s.sampler.n_pairs for s in shards))], dtype=torch.float64))
     batch_size = cfg.teacher.batch_size if stage == "teacher" else cfg.student.batch_size
     n_steps = steps_per_epoch(int(pairs.item()), batch_size)
     parts = [s.epoch_samples(1, epoch_seed(cfg.seed, 0, k)) for s, k in zip(shards, mine)]
-    del shards  # the samplers' sorted keys are no longer needed
-    batches = [type(b)(*rd.local_ids(b.users, b.items)) for b in join_steps(parts, n_steps)[:steps]]
+    del shards
+    global_batches = join_steps(parts, n_steps)[:steps]
     del parts
+    gc.collect()
+    reset_high_water()
+    t0 = time.perf_counter()
+    rd, world, graph = setup_rank(spec, num_shards, rank, world_size, cfg.teacher.norm, cfg.dist.exchange)
+    batches = [type(b)(*rd.local_ids(b.users, b.items)) for b in global_batches]
     if stage == "teacher":
         model = build_rank_teacher(rd, cfg, None)
         opt = teacher_optimizer(model, cfg)
@@ -127,7 +137,8 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
     stats = graph.exchange_stats()
     held = {name: tuple(p.shape) for name, p in model.named_parameters()}
     step_peak = high_water_mib()
-    return {"rank": rank, "stage": stage, "peak_rss_mib": round(peak_rss_mib(), 1), "setup_s": round(setup_s, 2),
+    peak = max(setup_peak or 0.0, step_peak or 0.0) or peak_rss_mib()  # ru_maxrss follows the resets too
+    return {"rank": rank, "stage": stage, "peak_rss_mib": round(peak, 1), "setup_s": round(setup_s, 2),
             "setup_peak_rss_mib": setup_peak and round(setup_peak, 1), "step_peak_rss_mib": step_peak and round(step_peak, 1),
             "steps": len(walls), "step_s": wall / max(n_timed, 1),
             "exchange_s": float(np.sum(exchange[timed])) / max(n_timed, 1),

@@ -24,7 +24,7 @@ class LocalSparse:
     (torch sparse CSR); the transpose is built once, never per backward."""
 
     def __init__(self, m: sp.csr_matrix) -> None:
-        self.csr = m.astype(np.float32).tocsr()
+        self.csr = m.astype(np.float32, copy=False).tocsr()  # no copy of a float32 CSR (setup peak)
         self.csr.sort_indices()
         self.csr_t = self.csr.T.tocsr()
         self.csr_t.sort_indices()
@@ -148,9 +148,9 @@ class PartitionedSpMM:
         a.sum_duplicates()
         self.n_rows, self.nnz = a.shape[0], int(a.nnz)
         # own columns and halo columns apart: a hop multiplies each with its block, never [x; halo]
-        self.own = LocalSparse(a[:, :n_in])
-        self.remote = LocalSparse(a[:, n_in:])
-        del a
+        own, remote = (a, a[:, n_in:]) if n_ext == n_in else (a[:, :n_in], a[:, n_in:])
+        del a  # the blocks only from here (each LocalSparse adds its transpose)
+        self.own, self.remote = LocalSparse(own), LocalSparse(remote)
         self._device_routes: dict[str, RowRoutes] = {}
         self.calls = 0
         self.values_received = 0  # floats fetched from peers, all calls (bench: bytes exchanged per hop)
