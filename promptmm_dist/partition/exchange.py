@@ -44,6 +44,7 @@ class CollectiveClock:
 
 COLLECTIVES = CollectiveClock()
 
+
 @dataclass
 class RowRoutes:
     """Which local rows go to which peer, and how many rows come back from each peer.
@@ -85,7 +86,7 @@ class _FetchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         r: RowRoutes = ctx.routes
-        back = _all_to_all(grad, r.send_counts, r.recv_counts)
+        back = return_rows(grad, r)
         out = grad.new_zeros((r.n_local,) + tuple(grad.shape[1:]))
         out.index_add_(0, r.send_index, back)
         return out, None

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, fetch_rows, return_rows as _return_rows
+from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, fetch_rows, return_rows
 
 
 class LocalSparse:
@@ -102,7 +102,7 @@ class _Hop(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         op = ctx.op
         routes = op.routes_on(grad.device)
-        back = _return_rows(op.remote.mul_t(grad), routes)  # the halo rows' gradient, summed at the owners
+        back = return_rows(op.remote.mul_t(grad), routes)  # the halo rows' gradient, summed at the owners
         out = op.own.mul_t(grad)
         out.index_add_(0, routes.send_index, back)
         return out, None
