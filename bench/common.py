@@ -59,3 +59,15 @@ def run_synth(out: Path, users: int, items: int, interactions: int, modalities: 
     if proc.returncode != 0:
         raise SystemExit(f"synth failed ({proc.returncode}): {proc.stderr.strip()}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_data(folder: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
+    """The synthetic canonical folder (generated in a subprocess when missing); its manifest."""
+    from promptmm_dist.data.formats import read_manifest
+
+    if not (folder / "manifest.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        print(f"generating {users:,} users / {items:,} items / {interactions:,} interactions into {folder}",
+              file=sys.stderr, flush=True)
+        run_synth(folder, users, items, interactions, modalities, seed)
+    return read_manifest(folder)

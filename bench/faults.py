@@ -5,7 +5,7 @@ whether the selected epoch, validation/test recall@20 and the exported student m
 
 Faults (SIGKILL, by `promptmm_dist.faults`, pids taken from the run's own process tree):
   train_worker    student Train worker rank 1 once it started student epoch 2
-  teacher_worker  the TeacherWorker during its second prompt round (after student epoch 3)
+  teacher_model   the TeacherModel during its second prompt round (after student epoch 3)
   shard           a shard actor (lowest pid) once the student stage started
   driver          the driver once a student rank started epoch 3; then the same command again
 
@@ -38,7 +38,7 @@ SETTINGS = ["teacher.epochs=2", "teacher.embed_dim=16", "teacher.batch_size=512"
             "student.epochs=6", "student.embed_dim=16", "student.batch_size=512", "student.lr=0.01",
             "student.neg_sample_num=4", "prompt.refresh_epochs=2", "prompt.round_steps=40",
             "dist.actor_timeout_s=120"]
-FAULTS = ("train_worker", "teacher_worker", "shard", "driver")
+FAULTS = ("train_worker", "teacher_model", "shard", "driver")
 
 
 def command(data: Path, out: Path) -> list[str]:
@@ -108,8 +108,8 @@ def launch(cmd: list[str], log: Path, fault: str | None, out: Path) -> dict:
         if fault == "train_worker":
             inj = faults.FaultInjector(faults.epoch_reached(out, "student", 2, rank=1), "train_worker",
                                        timeout=1200, out=out, stage="student", rank=1)
-        elif fault == "teacher_worker":  # the TeacherWorker during its second prompt round
-            inj = Killer(nth_time(lambda: first_pid(root, "ray::TeacherWorker.prompt_round"), 2))
+        elif fault == "teacher_model":  # the TeacherModel during its second prompt round
+            inj = Killer(nth_time(lambda: first_pid(root, "ray::TeacherModel.prompt_round"), 2))
         elif fault == "shard":  # a shard, once the student stage started (its TeacherWorker exists)
             inj = Killer(lambda: first_pid(root, "ray::ShardState") if first_pid(root, "ray::TeacherWorker") else None,
                          delay=1.0)

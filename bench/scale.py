@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import add_size_args, run_synth  # noqa: E402 - after the repo is on the path
+from common import add_size_args, ensure_data  # noqa: E402 - after the repo is on the path
 
 
 def peak_rss_mib() -> float:
@@ -55,18 +55,6 @@ def reset_high_water() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def ensure_data(folder: Path, users: int, items: int, interactions: int, modalities: str, seed: int) -> dict:
-    """The synthetic canonical folder (generated in a subprocess when missing); its manifest."""
-    from promptmm_dist.data.formats import read_manifest
-
-    if not (folder / "manifest.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        print(f"generating {users:,} users / {items:,} items / {interactions:,} interactions into {folder}",
-              file=sys.stderr, flush=True)
-        run_synth(folder, users, items, interactions, modalities, seed)
-    return read_manifest(folder)
 
 
 def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict: dict, stage: str,

@@ -14,20 +14,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from promptmm_dist.actor_calls import bounded_get
 from promptmm_dist.config import Config
-from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.data.dataset import DatasetInfo, InteractionData
 from promptmm_dist.data.shards import ShardState
 from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
+from promptmm_dist.distill.teacher_model import TeacherModel
 from promptmm_dist.distill.teacher_workers import TeacherWorker
-from promptmm_dist.eval.metrics import add_sums, finalize
-from promptmm_dist.models.student import LightGCN
 from promptmm_dist.partition.setup import dataset_spec
 from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, write_json
+from promptmm_dist.train.validation import CLOSING_FILE
 from promptmm_dist import ray_setup
 from promptmm_dist.run_resume import (StageRun, latest_resume, load_prompt, ray_loop_config, ray_storage,
                                       save_prompt, stage_fingerprint)
@@ -37,7 +35,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def canonical_parquet(data: InteractionData, cfg: Config, out: Path) -> Path:
+def canonical_parquet(data: InteractionData | DatasetInfo, cfg: Config, out: Path) -> Path:
     """The Parquet the shard actors read (the canonical folder's; see partition.setup)."""
     return Path(dataset_spec(data, cfg.data.path, out)["dir"]) / "interactions.parquet"
 
@@ -45,8 +43,8 @@ def canonical_parquet(data: InteractionData, cfg: Config, out: Path) -> Path:
 class DistributedRun:
     """Holds the Ray handles of one run; stages are methods so `run` and `tune` can reuse them."""
 
-    def __init__(self, data: InteractionData, cfg: Config, out: Path, shared: dict | None = None) -> None:
-        """`shared` (used by `tune`): {"shards", "data_ref", "dataset"} made once by the sweep driver;
+    def __init__(self, data: InteractionData | DatasetInfo, cfg: Config, out: Path, shared: dict | None = None) -> None:
+        """`shared` (used by `tune`): {"shards", "dataset"} made once by the sweep driver;
         the run then creates none of them and `close()` leaves the shards alone."""
         import ray
 
@@ -56,6 +54,8 @@ class DistributedRun:
         self._owns_shards = shared is None
         # the ranks and shards read the canonical files themselves; the driver passes paths and sizes
         self.dataset = dataset_spec(data, cfg.data.path, out) if shared is None else dict(shared["dataset"])
+        # from here on the run knows the data by its identity and sizes only
+        self.data = DatasetInfo(data.name, data.n_users, data.n_items, list(data.modalities), data.manifest_sha256)
         if shared is None:
             ray_setup.shards_cover_workers(cfg.dist, log)
             parquet = Path(self.dataset["dir"]) / "interactions.parquet"
@@ -71,9 +71,8 @@ class DistributedRun:
         self.placement: dict[str, list] = {"teacher": [], "student": [], "teacher_workers": [],
                                            "shards": bounded_get([s.node_id.remote() for s in self.shards],
                                                                  "the shard actors (node ids)", cfg.dist.actor_timeout_s)}
-        # the TeacherWorkers still build the whole teacher from the whole dataset (issue 10 splits them)
-        self.data_ref = ray.put(data) if shared is None else shared["data_ref"]
-        aux = ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers
+        aux = (ray_setup.SHARD_CPUS * len(self.shards) + ray_setup.TEACHER_MODEL_CPUS
+               + ray_setup.TEACHER_WORKER_CPUS * cfg.dist.num_teacher_workers)
         self.cpus = ray_setup.cpus_per_worker(cfg.dist, aux)
         self.timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
         log(f"ray: {len(self.shards)} shards ({', '.join(str(i['train_pairs']) for i in self.shard_info)} "
@@ -111,13 +110,10 @@ class DistributedRun:
         result = self._fit(teacher_train_loop, "teacher", config)
         _take_checkpoint(result, folder)
         self.placement["teacher"] = _rank_placement(folder)
-        teacher = self.load_teacher(folder)
-        with torch.no_grad():
-            o = teacher(GraphPropagator.from_train(self.data.train_csr, self.cfg.teacher.norm))
-        metrics = self.evaluate(o.user, o.item)
+        closing = _closing(folder)  # the ranks evaluated the selected teacher, each on its own users
         hist = _history(folder)
-        meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
-                "train_seconds": time.perf_counter() - t0, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        meta = {"val": closing["val"], "test": closing["test"], "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
+                "train_seconds": time.perf_counter() - t0, "teacher_params": closing["params"],
                 "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
         write_json(folder / "meta.json", meta)
         stage.finish()
@@ -147,11 +143,6 @@ class DistributedRun:
         """Reuse, continue or (re)start a stage of this run folder (see run_resume)."""
         return StageRun(self.out / name, fingerprint, f"{name}.pt", ray_storage(self.cfg, self.out, name))
 
-    def load_teacher(self, folder: Path):
-        from promptmm_dist.train.teacher_checkpoint import load_teacher
-
-        return load_teacher(self.data, self.cfg, folder)
-
     def distill(self, teacher_folder: Path) -> dict:
         import ray
         from promptmm_dist.distill.student_trainer import student_train_loop
@@ -171,23 +162,30 @@ class DistributedRun:
             return stage.meta()
         first_epoch, prompt, resume_path = self._cache_start(stage)
         timeout = cfg.dist.actor_timeout_s
-        worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS, **ray_setup.actor_options(cfg.dist))(TeacherWorker)
-        workers = [worker_cls.remote(self.data_ref, cfg.to_dict(), ckpt) for _ in range(cfg.dist.num_teacher_workers)]
+        opts = ray_setup.actor_options(cfg.dist)
+        # the one teacher of the stage reads the canonical files itself (the driver ships no rows);
+        # the workers hold nothing but the blocks of the call they serve
+        model = ray.remote(num_cpus=ray_setup.TEACHER_MODEL_CPUS, **opts)(TeacherModel).remote(
+            self.dataset, cfg.to_dict(), ckpt)
+        worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS, **opts)(TeacherWorker)
+        workers = [worker_cls.options(**ray_setup.near(self.placement["shards"], j)).remote()
+                   for j in range(cfg.dist.num_teacher_workers)]
         directory = ray.remote(num_cpus=0, max_concurrency=64)(CacheDirectory).remote(timeout)
         try:
             self.placement["teacher_workers"] = bounded_get([w.node_id.remote() for w in workers],
                                                             "the TeacherWorkers (node ids)", timeout)
+            self.placement["teacher_model"] = bounded_get([model.node_id.remote()], "the TeacherModel (node id)",
+                                                          timeout)
             n_ranks = max(cfg.dist.num_workers, 1)
-            cache = SoftRankingCache(self.shards, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
+            cache = SoftRankingCache(self.shards, model, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
                                      cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
                                      timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
                                      on_round=lambda p: save_prompt(stage.folder, p)).start()
             self.cache = cache  # fault-injection benchmarks read its stats
             config = {**self._loop_config(), "directory": directory,
                       **ray_loop_config(stage, resume_path)}
-            if cfg.student.init_from_teacher:
-                config["init_ref"] = ray.put(bounded_get(workers[0].final_embeddings.remote(),
-                                                         "TeacherWorker 0 (final embeddings)", timeout))
+            if cfg.student.init_from_teacher:  # version 0's blocks: each rank reads its shards' and the items'
+                config["init_blocks"] = cache.tables_of(0)
             try:
                 result = self._fit(student_train_loop, "student", config)
             except Exception:
@@ -199,28 +197,23 @@ class DistributedRun:
             if cache.error is not None:
                 raise cache.error
             folder = self.out / "student"
-            _take_checkpoint(result, folder)
+            _take_checkpoint(result, folder)  # with the ranks' closing metrics and export.npz
             self.placement["student"] = _rank_placement(folder)
-            student = LightGCN(self.data.n_users, self.data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
-                               teacher_dim=cfg.teacher.embed_dim)
-            student.load_state_dict(load_state(folder / "student.pt"))
-            student.eval()
-            with torch.no_grad():
-                user, item = student(GraphPropagator.from_train(self.data.train_csr, cfg.student.norm))
-            np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
-            metrics = self.evaluate(user, item)
+            closing = _closing(folder)
             hist = _history(folder)
             rounds = _round_effects(cache.stats.rounds, hist)
             st = cache.stats
-            meta = {**metrics, "best_epoch": _best_epoch(hist), "epochs_run": len(hist),
-                    "train_seconds": time.perf_counter() - t0,
-                    "student_total": sum(p.numel() for p in student.parameters()),
-                    "student_inference": student.inference_parameters(),
+            meta = {"val": closing["val"], "test": closing["test"], "best_epoch": _best_epoch(hist),
+                    "epochs_run": len(hist), "train_seconds": time.perf_counter() - t0,
+                    "student_total": closing["params"]["total"],
+                    "student_inference": closing["params"]["inference"],
                     "prompt_rounds": rounds,
                     "cache": {"versions": st.versions, "epochs_published": st.epochs_published,
                               "bytes_per_epoch": int(np.mean(st.bytes_per_epoch)) if st.bytes_per_epoch else 0,
                               "bytes_per_pair": st.bytes_per_pair(),
                               "max_epochs_held": st.max_epochs_held, "produce_s": st.produce_s,
+                              "tables_s": st.tables_s,
+                              "rank_s_per_epoch": float(np.mean(st.rank_s)) if st.rank_s else 0.0,
                               "recomputed": st.recomputed,
                               "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
                     "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
@@ -234,20 +227,8 @@ class DistributedRun:
             self.timings["student_s"] = time.perf_counter() - t0
             return meta
         finally:  # also when the stage fails: a caller holding the traceback must not keep them alive
-            for actor in (*workers, directory):
+            for actor in (model, *workers, directory):
                 ray.kill(actor)
-
-    def evaluate(self, user: torch.Tensor, item: torch.Tensor) -> dict[str, dict]:
-        """Full ranking, each shard actor ranking its own users; sums reduced exactly."""
-        import ray
-
-        emb = ray.put((user.numpy(), item.numpy()))
-        out = {}
-        for split in ("val", "test"):
-            parts = bounded_get([s.evaluate_sums.remote(emb, split) for s in self.shards],
-                                f"the shard actors ({split} evaluation)", self.cfg.dist.actor_timeout_s)
-            out[split] = finalize(*add_sums(parts))
-        return out
 
     def close(self) -> None:
         import ray
@@ -280,6 +261,14 @@ def _rank_placement(folder: Path) -> list:
     return json.loads(path.read_text())["ranks"] if path.exists() else []
 
 
+def _closing(folder: Path) -> dict:
+    """A stage's closing metrics, which its ranks wrote into the final checkpoint."""
+    path = folder / CLOSING_FILE
+    if not path.exists():
+        raise RuntimeError(f"{path}: the stage's ranks wrote no closing metrics (did training end early?)")
+    return json.loads(path.read_text())
+
+
 def _history(folder: Path) -> list[dict]:
     """Per-epoch rows, written by rank 0 into the final checkpoint."""
     path = folder / "history.jsonl"
@@ -298,7 +287,7 @@ def _round_effects(rounds: list[dict], hist: list[dict]) -> list[dict]:
     return rounds
 
 
-def run_distributed(data: InteractionData, cfg: Config, out: Path, stages=("teacher", "student"),
+def run_distributed(data: InteractionData | DatasetInfo, cfg: Config, out: Path, stages=("teacher", "student"),
                     teacher_dir: Path | None = None) -> dict:
     """`promptmm run/train-teacher/distill` on Ray; returns the metrics.json content."""
     t0 = time.perf_counter()

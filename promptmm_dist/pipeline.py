@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from promptmm_dist.config import Config, load_config, validate
-from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.formats import load_dataset
+from promptmm_dist.data.dataset import DatasetInfo, InteractionData
+from promptmm_dist.data.formats import canonical_info, load_dataset
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.local_kd import InProcessTeacherKD, NoKD, epoch_seed
@@ -145,10 +145,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def prepare_run(args: argparse.Namespace) -> tuple[Config, InteractionData, Path]:
+def prepare_run(args: argparse.Namespace) -> tuple[Config, "InteractionData | DatasetInfo", Path]:
     cfg = config_from_args(args)
-    data = load_dataset(cfg.data.path, cfg.data.format, cfg.data.modalities)
-    if uses_ray(cfg) and getattr(args, "command", None) != "baseline":  # baseline always runs in-process
+    ray_run = uses_ray(cfg) and getattr(args, "command", None) != "baseline"  # baseline always runs in-process
+    # a Ray run's driver reads a prepared folder's manifest only: the ranks and actors read the rows
+    data = canonical_info(cfg.data.path, cfg.data.modalities) if ray_run and cfg.data.format in ("auto", "canonical") else None
+    if data is None:
+        data = load_dataset(cfg.data.path, cfg.data.format, cfg.data.modalities)
+    if ray_run:
         # reach the cluster and check the workers fit it before anything is written
         from promptmm_dist import ray_setup
         ray_setup.init_ray(cfg.dist)

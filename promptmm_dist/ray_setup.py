@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from promptmm_dist.train.state import LoopState
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
-TEACHER_WORKER_CPUS = 0.25
+# the stage's one teacher (a forward per cache version, prompt rounds) and its light ranking workers
+TEACHER_MODEL_CPUS = 0.15
+TEACHER_WORKER_CPUS = 0.1
 STAGING_PREFIX = "promptmm-ckpt-"  # make_reporter's per-report checkpoint folders (system temp dir)
 # Ray starts its workers at nice 15: beside any other busy process on the machine the Train workers
 # and teacher actors then get a few percent of a core (a 0.1 s actor call took 290 s here). The
@@ -74,6 +76,16 @@ def actor_options(dist: DistConfig) -> dict:
     and the calls it was running are retried on the new one (every such call is idempotent)."""
     n = int(dist.max_failures)
     return {"max_restarts": n, "max_task_retries": n}
+
+
+def near(node_ids: list, j: int) -> dict:
+    """Actor options placing the j-th of a set of actors on the node of `node_ids[j]` when Ray can
+    (soft node affinity: elsewhere when that node is full or gone); none when the node is unknown."""
+    if not node_ids or node_ids[j % len(node_ids)] is None:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_ids[j % len(node_ids)], soft=True)}
 
 
 def shards_cover_workers(dist: DistConfig, log: Callable[[str], None]) -> None:

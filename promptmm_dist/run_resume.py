@@ -188,7 +188,7 @@ def save_prompt(folder: Path, prompt) -> None:
 def load_prompt(folder: Path, version: int):
     """The PromptState of `version` (None for version 0: the teacher checkpoint's prompt); raises
     FileNotFoundError when a later version was not saved."""
-    from promptmm_dist.distill.teacher_workers import PromptState
+    from promptmm_dist.distill.teacher_model import PromptState
 
     if version == 0:
         return None

@@ -195,7 +195,7 @@ def test_first_job_submit_to_a_fresh_local_cluster(tmp_path):
         # (dist.cpus_per_worker unset) each of the 2 Train workers gets a whole worker node's CPUs
         probe = ("import json, ray, promptmm_dist; from promptmm_dist import ray_setup; "
                  "from promptmm_dist.config import DistConfig; ray.init(); "
-                 "aux = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_WORKER_CPUS; "
+                 "aux = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_MODEL_CPUS + ray_setup.TEACHER_WORKER_CPUS; "
                  f"auto = ray_setup.cpus_per_worker(DistConfig(num_workers={TRAIN_WORKERS}, cpus_per_worker=None), aux); "
                  "print('PROBE', json.dumps({'auto': auto, 'pkg': promptmm_dist.__file__}))")
         job_id, output, info = _submit(state, ["python", "-c", probe], {}, timeout=180)

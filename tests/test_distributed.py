@@ -12,9 +12,9 @@ import torch
 from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.prepare import ensure_canonical
-from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.data.shards import ShardState
 from promptmm_dist.data.subset import subset_first_users
+from promptmm_dist.distill.teacher_model import TeacherModel
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.distributed import run_distributed
 from promptmm_dist.pipeline import teacher_stage
@@ -56,12 +56,19 @@ def test_shard_negatives_are_never_training_items(tiny):
 
 
 def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session):
+    """A TeacherWorker ranks a shard's samples from the TeacherModel's blocks (the shard's user rows and
+    the item table) exactly as a direct forward of the teacher would."""
     import ray
 
     data, parquet, cfg, ckpt, teacher = tiny
-    worker = ray.remote(TeacherWorker).remote(ray.put(data), cfg.to_dict(), str(ckpt))
-    samples = TrainSampler(data.train_csr).epoch(5, seed=1)
-    cached = ray.get(worker.soft_ranking.remote(0, samples))
+    model = ray.remote(num_cpus=0)(TeacherModel).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    worker = ray.remote(num_cpus=0)(TeacherWorker).remote()
+    n = 2
+    blocks = model.version_tables.options(num_returns=n + 1).remote(0, None, n)
+    samples = ShardState(str(parquet), 1, n, data.n_users, data.n_items).epoch_samples(5, seed=1)
+    cached = ray.get(worker.soft_ranking.remote(blocks[1], blocks[n], samples, 1, n))
+    with pytest.raises(ray.exceptions.RayTaskError, match="other shards"):  # shard 0's block, shard 1's users
+        ray.get(worker.soft_ranking.remote(blocks[0], blocks[n], samples, 0, n))
     teacher.eval()
     with torch.no_grad():
         direct = soft_ranking(teacher(GraphPropagator.from_train(data.train_csr)), samples.users, samples.items)
@@ -73,19 +80,22 @@ def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session):
     # a prompt round publishes a new cache version whose logits differ
     student = (np.random.default_rng(0).normal(size=(data.n_users, 16)).astype(np.float32),
                np.random.default_rng(1).normal(size=(data.n_items, 16)).astype(np.float32), None)
-    res = ray.get(worker.prompt_round.remote(student, 0))
+    res = ray.get(model.prompt_round.remote(student, 0))
     assert res["version"] == 1
     with pytest.raises(ray.exceptions.RayTaskError):
-        ray.get(worker.soft_ranking.remote(0, samples))  # the old version is no longer served
-    fresh = ray.get(worker.soft_ranking.remote(1, samples))
+        ray.get(model.version_tables.options(num_returns=n + 1).remote(0, None, n)[0])  # no longer served
+    fresh_blocks = model.version_tables.options(num_returns=n + 1).remote(1, None, n)
+    fresh = ray.get(worker.soft_ranking.remote(fresh_blocks[1], fresh_blocks[n], samples, 1, n))
     m = next(iter(direct.modal_logits))
     assert not np.array_equal(fresh.modal_logits[m], cached.modal_logits[m])
     ray.kill(worker)
+    ray.kill(model)
 
 
 def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     """Cached rankings keep ids as int32 (half of int64) and logits as float16; the producer's stats
-    give the bytes per cached training pair; the ids read back widen to exactly the sampled int64 ids."""
+    give the bytes per cached training pair; the ids read back widen to exactly the sampled int64 ids.
+    Two TeacherWorkers split the shards while the teacher's forward runs once for the cache version."""
     import ray
 
     from promptmm_dist.data.shards import make_shard_actors
@@ -96,16 +106,24 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     data, parquet, cfg, ckpt, _ = tiny
     n_neg = 4
     shards = make_shard_actors(parquet, 2, data.n_users, data.n_items, cpus=0)
-    worker = ray.remote(num_cpus=0)(TeacherWorker).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    model = ray.remote(num_cpus=0)(TeacherModel).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    workers = [ray.remote(num_cpus=0)(TeacherWorker).remote() for _ in range(2)]
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
-    cache = SoftRankingCache(shards, [worker], directory, 1, 2, cfg.seed, n_neg, 0, log=lambda m: None,
+    cache = SoftRankingCache(shards, model, workers, directory, 2, 2, cfg.seed, n_neg, 0, log=lambda m: None,
                              timeout_s=60.0).start()
-    kd = RayCacheKD(directory, 0, [0], 0, cfg.seed)  # one shard: its ranking unshuffled
+    kd = RayCacheKD(directory, 0, [0], 0, cfg.seed)  # rank 0 of 2 reads shard 0: its ranking unshuffled
+    other = RayCacheKD(directory, 1, [1], 0, cfg.seed)
     try:
-        rankings = [kd.epoch(e)[0] for e in range(2)]  # reading epoch 1 means epoch 0 was counted
+        rankings = []
+        for e in range(2):  # reading epoch 1 means epoch 0 was counted
+            rankings.append(kd.epoch(e)[0])
+            other.epoch(e)
+        assert ray.get(model.forward_count.remote()) == 1  # one forward for the version, not one per worker
+        served = ray.get(cache.refs[1][1])  # shard 1's ranking, made by worker 1 from shard 1's block
+        np.testing.assert_array_equal(served.users % 2, 1)
     finally:
         cache.stop()
-        for a in [worker, directory, *shards]:
+        for a in [model, *workers, directory, *shards]:
             ray.kill(a)
     assert cache.error is None
     ranking = rankings[0]
@@ -117,7 +135,8 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     # a row: user (4) + 1+N items (4 each) + fused and per-modality logits (2 each) + margin (4)
     modalities = len(ranking.modal_logits)
     assert ranking.bytes_per_pair() == 4 + 4 * (1 + n_neg) + 2 * (1 + n_neg) * (modalities + 1) + 4
-    assert cache.stats.pairs_per_epoch[0] == len(ranking)
+    shard_pairs = ShardState(str(parquet), 1, 2, data.n_users, data.n_items).info()["train_pairs"]
+    assert cache.stats.pairs_per_epoch[0] == len(ranking) + shard_pairs
     assert cache.stats.bytes_per_pair() == pytest.approx(ranking.bytes_per_pair(), abs=0.01)
     with pytest.raises(ValueError, match="do not fit int32"):
         SoftRanking(np.array([2**31], dtype=np.int64), np.zeros((1, 2), dtype=np.int64), {},
@@ -126,14 +145,33 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
 
 @pytest.mark.timeout(600)
 def test_distributed_run_with_prompt_rounds(tiktok_path, tmp_path, ray_session):
+    """A whole Ray run whose driver knows the data by its manifest only (no rows: the ranks, shards and
+    the TeacherModel read the canonical files): prompt rounds make new cache versions, and the metrics
+    the ranks report equal a direct evaluation of the exported student."""
+    from promptmm_dist.data.formats import canonical_info
+    from promptmm_dist.eval.evaluate import embedding_scorer, evaluate_splits
+
     data = subset_first_users(load_dataset(tiktok_path), 600)
+    folder = ensure_canonical(data, tmp_path / "prepared")
+    info = canonical_info(folder)
+    assert info is not None and (info.n_users, info.n_items, info.manifest_sha256) == (
+        data.n_users, data.n_items, data.manifest_sha256)
+    assert canonical_info(folder, data.modalities[:1]) is None  # a modality subset is another dataset
     cfg = tiny_config(epochs=3)
+    cfg.data.path = str(folder)
     cfg.teacher.epochs = 2
     cfg.prompt.refresh_epochs = 1
     cfg.prompt.round_steps = 2
     cfg.dist.num_workers = 0
     cfg.dist.num_shards = 2
-    metrics = run_distributed(data, cfg, tmp_path)
+    metrics = run_distributed(info, cfg, tmp_path / "run")
+    tmp_path = tmp_path / "run"
+    export = np.load(tmp_path / "student" / "export.npz")
+    direct = evaluate_splits(embedding_scorer(export["user"], export["item"]), data)
+    for split in ("val", "test"):
+        for k in ("recall@20", "ndcg@20"):
+            assert metrics["student"][split][k] == pytest.approx(direct[split][k], abs=1e-6), (split, k)
+    assert not (tmp_path / "data").exists()  # the prepared folder itself was read, not a copy
     student = metrics["student"]
     assert len(student["prompt_rounds"]) == 2  # after epochs 0 and 1, not after the last
     assert student["cache"]["versions"] == 3
@@ -168,6 +206,7 @@ def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp
     placement = metrics["placement"]
     assert placement["teacher"] == [here, here] and placement["student"] == [here, here], placement
     assert placement["shards"] == [here] * 2 and placement["teacher_workers"] == [here] * cfg.dist.num_teacher_workers
+    assert placement["teacher_model"] == [here]
     state = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
     assert state["projector.weight"].shape == (16, 8)
     torch.manual_seed(cfg.seed)  # the projector's initial weights, drawn as the student was built

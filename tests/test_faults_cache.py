@@ -1,4 +1,4 @@
-"""The soft-ranking cache recovers: a TeacherWorker killed during a prompt round (b) or a shard actor
+"""The soft-ranking cache recovers: the TeacherModel killed during a prompt round (b) or a shard actor
 killed mid-run (d) costs a restart, not the run, and gives the uninterrupted run's metrics; a freed
 epoch asked for again is recomputed identically; what cannot recover (a dead producer, an actor
 whose restarts are used up, a timeout) ends the run within seconds with one line naming it."""
@@ -57,7 +57,7 @@ def _student(subset, out: Path, teacher: Path, cfg) -> dict:
 def _in_method(cls: str, method: str, nth: int = 1):
     """The pid of an actor of class `cls` of this session while it runs `method` for the `nth` time
     (its process title names the method it runs)."""
-    role = {"TeacherWorker": "teacher_worker", "ShardState": "shard"}[cls]
+    role = {"TeacherModel": "teacher_model", "TeacherWorker": "teacher_worker", "ShardState": "shard"}[cls]
     seen = {"n": 0, "inside": False}
 
     def find() -> int | None:
@@ -177,19 +177,21 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
     import ray
 
     from promptmm_dist import ray_setup
-    from promptmm_dist.data.prepare import ensure_canonical
     from promptmm_dist.data.shards import make_shard_actors
+    from promptmm_dist.distill.teacher_model import TeacherModel
     from promptmm_dist.distill.teacher_workers import TeacherWorker
+    from promptmm_dist.partition.setup import dataset_spec
 
     out, _ = reference
     cfg = _cfg()
-    parquet = Path(ensure_canonical(subset, out / "canon")) / "interactions.parquet"
+    spec = dataset_spec(subset, str(out / "canon"), out / "canon_spec")
+    parquet = Path(spec["dir"]) / "interactions.parquet"
     shards = make_shard_actors(parquet, 2, subset.n_users, subset.n_items, cpus=0, dist=cfg.dist)
-    data_ref = ray.put(subset)  # kept in scope: a restarted worker is rebuilt from it
-    worker = ray.remote(num_cpus=0, **ray_setup.actor_options(cfg.dist))(TeacherWorker).remote(
-        data_ref, cfg.to_dict(), str(out / "teacher" / "teacher.pt"))
+    opts = ray_setup.actor_options(cfg.dist)
+    model = ray.remote(num_cpus=0, **opts)(TeacherModel).remote(spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"))
+    worker = ray.remote(num_cpus=0, **opts)(TeacherWorker).remote()
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
-    cache = SoftRankingCache(shards, [worker], directory, 1, 6, cfg.seed, 4, 2, log=lambda m: None,
+    cache = SoftRankingCache(shards, model, [worker], directory, 1, 6, cfg.seed, 4, 2, log=lambda m: None,
                              timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0, 1], 2, cfg.seed)
     rng = np.random.default_rng(0)
@@ -211,20 +213,20 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
         assert cache.stats.recomputed == 2 and cache.stats.versions == 3
     finally:
         cache.stop()
-        for a in [worker, directory, *shards]:
+        for a in [model, worker, directory, *shards]:
             ray.kill(a)
     assert cache.error is None
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_b_teacher_worker_killed_during_prompt_round(subset, reference, tmp_path, ray_session):
+def test_b_teacher_model_killed_during_prompt_round(subset, reference, tmp_path, ray_session):
     out, ref = reference
-    # the second round: the restarted worker must get version 1's prompt and its optimiser state back
-    inj = _kill(_in_method("TeacherWorker", "prompt_round", nth=2))
+    # the second round: the restarted model must get version 1's prompt and its optimiser state back
+    inj = _kill(_in_method("TeacherModel", "prompt_round", nth=2))
     got = _student(subset, tmp_path, out, _cfg())
     inj.stop()
-    assert inj.killed is not None, "the TeacherWorker was never caught in its second prompt round"
+    assert inj.killed is not None, "the TeacherModel was never caught in its second prompt round"
     assert len(got["prompt_rounds"]) == 2 and got["cache"]["versions"] == 3
     _same_metrics(got, ref["student"], tmp_path, out)
 
@@ -256,13 +258,13 @@ def test_dead_actor_or_producer_fails_the_run_in_seconds_with_one_line(subset, r
     out, _ = reference
     timeout_s = 120.0
     # an actor whose restarts are used up (none allowed): killed during the prompt round
-    inj = _kill(_in_method("TeacherWorker", "prompt_round"))
+    inj = _kill(_in_method("TeacherModel", "prompt_round"))
     with pytest.raises(ActorLost) as err:
         _student(subset, tmp_path / "dead_actor", out, _cfg(max_failures=0, timeout_s=timeout_s))
     lost_s = time.monotonic() - inj.at
     assert inj.killed is not None
     line = str(err.value)
-    assert "\n" not in line and "TeacherWorker 0" in line and "prompt round" in line, line
+    assert "\n" not in line and "TeacherModel" in line and "prompt round" in line, line
     assert lost_s < 30 < timeout_s  # within seconds, not after the configured timeout
     assert line in capfd.readouterr().err
 
@@ -306,7 +308,7 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
         data_ref, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 0, "k")
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     ray.get(shared.join.remote("t1", directory))
-    producer = SharedCacheProducer(shared, "t1", lambda: None, shards, [], directory, 1, 3, cfg.seed, 4, 0,
+    producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0,
                                    log=lambda m: None, timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0, 1], 0, cfg.seed)
     try:

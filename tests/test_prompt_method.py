@@ -11,7 +11,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.losses import embedding_kd, modality_list_kd, pairwise_kd
 from promptmm_dist.distill.prompt_rounds import prompt_round
-from promptmm_dist.distill.teacher_workers import TeacherWorker
+from promptmm_dist.distill.teacher_model import TeacherModel
 from promptmm_dist.pipeline import teacher_stage
 from promptmm_dist.train.steps import list_logits
 from promptmm_dist.train.teacher_checkpoint import load_teacher
@@ -90,7 +90,7 @@ def test_prompt_gets_gradient_from_each_kd_term_alone(term):
 
 
 def test_ray_prompt_round_equals_local_prompt_round(tmp_path):
-    """A TeacherWorker's prompt round (what the Ray cache runs, fed what RayCacheKD sends: no projector
+    """A TeacherModel's prompt round (what the Ray cache runs, fed what RayCacheKD sends: no projector
     state when the student's projector is nn.Identity) gives the local round's loss and prompt."""
     data = tiny_data()
     cfg = tiny_config(lambda_emb=0.5)
@@ -102,8 +102,8 @@ def test_ray_prompt_round_equals_local_prompt_round(tmp_path):
     s_user = torch.randn(data.n_users, cfg.student.embed_dim, generator=torch.Generator().manual_seed(3))
     s_item = torch.randn(data.n_items, cfg.student.embed_dim, generator=torch.Generator().manual_seed(4))
 
-    worker = TeacherWorker(data, cfg.to_dict(), str(ckpt))
-    remote = worker.prompt_round((s_user.numpy(), s_item.numpy(), None), seed=7)
+    model = TeacherModel(data, cfg.to_dict(), str(ckpt))
+    remote = model.prompt_round((s_user.numpy(), s_item.numpy(), None), seed=7)
 
     local_teacher = build_teacher(data, cfg)
     local_teacher.load_state_dict(torch.load(ckpt, weights_only=True))
@@ -137,7 +137,8 @@ def test_distill_uses_the_checkpoints_teacher_settings(tmp_path):
         a, b = trained(graph), loaded(graph)
     torch.testing.assert_close(a.user, b.user)
     torch.testing.assert_close(a.item, b.item)
-    # the Ray path's TeacherWorker, given the adopted config, serves the same teacher
-    worker = TeacherWorker(data, other.to_dict(), str(tmp_path / "teacher" / "teacher.pt"))
-    u, i = worker.final_embeddings()
+    # the Ray path's TeacherModel, given the adopted config, serves the same teacher
+    model = TeacherModel(data, other.to_dict(), str(tmp_path / "teacher" / "teacher.pt"))
+    users, items = model.version_tables(0, None, 1)
+    u = users["user"]
     np.testing.assert_allclose(u, a.user.numpy(), rtol=1e-5, atol=1e-6)

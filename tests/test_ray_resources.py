@@ -1,5 +1,5 @@
 """CPUs and threads follow what the nodes offer: a Train worker's default share is its node's CPUs
-divided by the ranks placed there, torch uses the CPUs reserved as threads, TeacherWorker actors use
+divided by the ranks placed there, torch uses the CPUs reserved as threads, the teacher actors use
 their `num_cpus` as threads, and an explicit `dist.cpus_per_worker` still wins."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from promptmm_dist import ray_setup
 from promptmm_dist.config import DistConfig
 from promptmm_dist.ray_setup import auto_cpus_per_worker, torch_threads
 
-AUX = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_WORKER_CPUS  # 2 shards + 1 TeacherWorker = 0.45
+# 2 shards + the TeacherModel + 1 TeacherWorker = 0.45
+AUX = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_MODEL_CPUS + ray_setup.TEACHER_WORKER_CPUS
 
 
 # ------------------------------------------------------------------ placement arithmetic (no Ray)
@@ -124,9 +125,9 @@ def test_actors_use_their_reserved_cpus_as_threads(ray_session):
     assert ray_setup.actor_threads(default=3.0) == 3  # the driver (no reservation): the default
 
 
-def test_teacher_worker_threads_follow_its_reservation(tmp_path, ray_session):
-    """A real TeacherWorker given 2 CPUs computes on 2 threads; one built outside Ray keeps 1."""
-    from promptmm_dist.distill.teacher_workers import TeacherWorker
+def test_teacher_model_threads_follow_its_reservation(tmp_path, ray_session):
+    """A real TeacherModel given 2 CPUs computes on 2 threads; one built outside Ray keeps 1."""
+    from promptmm_dist.distill.teacher_model import TeacherModel
     from promptmm_dist.pipeline import teacher_stage
     from tests.helpers import tiny_config, tiny_data
 
@@ -137,9 +138,9 @@ def test_teacher_worker_threads_follow_its_reservation(tmp_path, ray_session):
     cfg.teacher.epochs = 1
     teacher_stage(data, cfg, tmp_path)
     ckpt = str(tmp_path / "teacher" / "teacher.pt")
-    worker = ray.remote(num_cpus=2)(TeacherWorker).remote(ray.put(data), cfg.to_dict(), ckpt)
+    worker = ray.remote(num_cpus=2)(TeacherModel).remote(ray.put(data), cfg.to_dict(), ckpt)
     try:
         assert ray.get(worker.resources.remote(), timeout=120) == {"cpus": 2.0, "threads": 2}
     finally:
         ray.kill(worker)
-    assert TeacherWorker(data, cfg.to_dict(), ckpt, threads=1).threads == 1
+    assert TeacherModel(data, cfg.to_dict(), ckpt, threads=1).threads == 1

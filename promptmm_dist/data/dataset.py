@@ -62,3 +62,15 @@ class InteractionData:
     def n_interactions(self, split: str | int) -> int:
         code = SPLIT_NAMES[split] if isinstance(split, str) else split
         return int((self.splits == code).sum())
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the driver of a Ray run knows of a prepared dataset: its identity and sizes, no rows
+    (ranks, shard actors and the TeacherModel read the canonical files themselves)."""
+
+    name: str
+    n_users: int
+    n_items: int
+    modalities: list[str]
+    manifest_sha256: str

@@ -316,6 +316,28 @@ def manifest_recipe(path: str | Path) -> tuple[str | None, str]:
     return recipe, where
 
 
+def canonical_info(path: str | Path, modalities: Sequence[str] | None = None) -> "DatasetInfo | None":
+    """A prepared folder's identity and sizes from its manifest (files checked as `load_dataset` checks
+    them: present, recorded sizes, sha256 when small), without reading its rows; None when `path` is not
+    a prepared folder or `modalities` selects a subset (that is a different dataset: load it)."""
+    from promptmm_dist.data.dataset import DatasetInfo
+
+    if is_synthetic(path) or not Path(path).is_dir() or not (Path(path) / MANIFEST).is_file():
+        return None
+    root = Path(path)
+    manifest = read_manifest(root)
+    if modalities is not None and list(dict.fromkeys(modalities)) != list(manifest["modalities"]):
+        return None
+    if not manifest.get("content_sha256"):
+        return None
+    _verify_files(root, manifest)
+    for m in manifest["modalities"]:
+        if not (root / FEATURES_DIR / f"{m}.npy").is_file():
+            raise DataError(root / FEATURES_DIR / f"{m}.npy", None, f"missing (modality {m!r} is listed in {MANIFEST})")
+    return DatasetInfo(str(manifest.get("name", root.name)), int(manifest["n_users"]), int(manifest["n_items"]),
+                       list(manifest["modalities"]), str(manifest["content_sha256"]))
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, V.JsonObject):
         return {k: _plain(v) for k, v in obj}

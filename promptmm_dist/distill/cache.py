@@ -1,7 +1,9 @@
 """The teacher soft-ranking cache in the Ray object store.
 
-Driver side, `SoftRankingCache` runs a producer thread: for each epoch it asks every shard for its
-samples and a TeacherWorker for their soft ranking. The driver *owns* those refs (it created them),
+Driver side, `SoftRankingCache` runs a producer thread. Per cache version it asks the TeacherModel
+once for the teacher's final embeddings as blocks (each shard's user rows, the item table); for each
+epoch it asks every shard for its samples and a TeacherWorker for their soft ranking from the shard's
+user block and the item block (workers take shards in turn). The driver *owns* those refs (it created them),
 publishes them in a small `CacheDirectory` actor that student ranks query, stays at most one epoch
 ahead of the students (two epochs held), frees an epoch once every rank consumed it, and runs a
 prompt round (new cache version) when the students hand in their embeddings at a refresh epoch.
@@ -11,7 +13,8 @@ so nothing is lost for good when something dies. The producer keeps every versio
 (`PromptState`, small) and passes it with each call, so a TeacherWorker or shard actor that Ray
 restarts (rebuilt from its files) and a call Ray retries on it give the same result; a rank that
 asks for an epoch already freed (it restarted from a checkpoint) or whose refs were lost gets it
-recomputed. What cannot recover (an actor's restarts used up, the producer thread failing, a wait
+recomputed; a lost embedding block is rebuilt by Ray from its lineage (the TeacherModel's call is
+retried, `max_task_retries`). What cannot recover (an actor's restarts used up, the producer thread failing, a wait
 over `dist.actor_timeout_s`) ends the run within seconds with one line naming it: the directory
 records the failure, every rank's next fetch raises `CacheFailed` (an error, not a clean end: Ray
 Train then tears the whole worker group down, so no rank is left waiting in a collective; its
@@ -30,7 +33,7 @@ import torch
 from promptmm_dist.actor_calls import (DEFAULT_TIMEOUT_S, ActorLost, ActorTimeout, bounded_get, bounded_wait,
                                        one_line)
 from promptmm_dist.distill.local_kd import epoch_seed
-from promptmm_dist.distill.teacher_workers import PromptState
+from promptmm_dist.distill.teacher_model import PromptState
 from promptmm_dist.errors import RunFailed
 from promptmm_dist.train.steps import SoftRanking, join_by_step
 
@@ -186,7 +189,9 @@ class CacheDirectory:
 class CacheStats:
     epochs_published: int = 0
     versions: int = 1
-    produce_s: float = 0.0  # time the driver's producer spent waiting for teacher workers
+    produce_s: float = 0.0  # time the driver's producer spent waiting for the teacher actors
+    tables_s: float = 0.0  # of which: the versions' embedding blocks (one teacher forward each)
+    rank_s: list[float] = field(default_factory=list)  # per epoch: samples + soft rankings, blocks at hand
     bytes_per_epoch: list[int] = field(default_factory=list)
     pairs_per_epoch: list[int] = field(default_factory=list)  # training pairs the ranks read, per epoch
     max_epochs_held: int = 0
@@ -204,15 +209,17 @@ class CacheStats:
 class SoftRankingCache:
     """Driver-side producer of cache epochs (runs in a background thread while `fit()` blocks).
 
+    `model`: the TeacherModel actor (blocks per version, prompt rounds); `teacher_workers`: the
+    TeacherWorker actors that rank the shards' samples from the blocks.
     `first_epoch`/`prompt`: a resumed run starts producing at `first_epoch` with the prompt state of
     its cache version (recorded in the student checkpoint; None = the teacher checkpoint's, version 0).
     `on_round(PromptState)`: called with each new version's prompt (e.g. to save it beside the run).
     """
 
-    def __init__(self, shards: list, teacher_workers: list, directory, n_ranks: int, epochs: int,
+    def __init__(self, shards: list, model, teacher_workers: list, directory, n_ranks: int, epochs: int,
                  seed: int, n_neg: int, refresh_epochs: int, log=print, timeout_s: float = DEFAULT_TIMEOUT_S,
                  first_epoch: int = 0, prompt: PromptState | None = None, on_round=None) -> None:
-        self.shards, self.workers, self.directory = shards, teacher_workers, directory
+        self.shards, self.model, self.workers, self.directory = shards, model, teacher_workers, directory
         self.n_ranks, self.epochs, self.seed, self.n_neg = n_ranks, epochs, seed, n_neg
         self.refresh = refresh_epochs
         self.log = log
@@ -225,7 +232,8 @@ class SoftRankingCache:
         self._prompt_refs: dict[int, object] = {}
         self.epoch_version: dict[int, int] = {}
         self.refs: dict[int, list] = {}  # epoch -> the driver-owned refs of that epoch
-        self.items_refs: dict[int, object] = {}
+        self.tables: dict[int, list] = {}  # cache version -> its N + 1 embedding-block refs
+        self._tables_lock = threading.Lock()  # the producer thread and the driver (`tables_of`) ask
         self.stats = CacheStats(versions=self.version + 1)
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -247,7 +255,7 @@ class SoftRankingCache:
         if self.error is None and failure:
             self.error = ActorLost(failure)
         self.refs.clear()
-        self.items_refs.clear()
+        self.tables.clear()
 
     # ------------------------------------------------------------------------------ helpers
     def _call(self, refs, what: str):
@@ -263,13 +271,28 @@ class SoftRankingCache:
             self._prompt_refs[version] = ray.put(self.prompts[version])
         return self._prompt_refs[version]
 
+    def _tables(self, version: int) -> list:
+        """Cache `version`'s embedding blocks: one TeacherModel forward, N + 1 objects (see
+        `TeacherModel.version_tables`); this version's and the newest other are kept."""
+        with self._tables_lock:
+            return self._tables_locked(version)
+
+    def tables_of(self, version: int) -> list:
+        """Cache `version`'s N + 1 block refs (driver-owned; e.g. version 0's for `init_from_teacher`)."""
+        return list(self._tables(version))
+
+    def _tables_locked(self, version: int) -> list:
+        if version not in self.tables:
+            n = len(self.shards)
+            refs = self.model.version_tables.options(num_returns=n + 1).remote(version, self._prompt_ref(version), n)
+            self.tables[version] = list(refs)
+            for old in [x for x in sorted(self.tables) if x != version][:-1]:
+                del self.tables[old]
+        return self.tables[version]
+
     def _items_ref(self, version: int | None = None):
-        v = self.version if version is None else version
-        if v not in self.items_refs:
-            self.items_refs[v] = self.workers[0].item_modal_embeddings.remote(v, self._prompt_ref(v))
-            for old in [x for x in sorted(self.items_refs) if x != v][:-1]:
-                del self.items_refs[old]  # keep this version's and the newest other
-        return self.items_refs[v]
+        """The item block of a version (the ranks' embedding-KD tables)."""
+        return self._tables(self.version if version is None else version)[-1]
 
     def _version_for(self, epoch: int) -> int:
         """The cache version epoch `epoch` is produced with (rounds after every `refresh` epochs)."""
@@ -277,10 +300,15 @@ class SoftRankingCache:
             return self.epoch_version[epoch]
         return epoch // self.refresh if self.refresh > 0 else 0
 
-    def _culprit(self, samples: list, refs: list, epoch: int) -> str:
-        """Name what broke an epoch: the shard actor (its samples failed) or the TeacherWorker."""
+    def _culprit(self, samples: list, refs: list, epoch: int, version: int) -> str:
+        """Name what broke an epoch: the TeacherModel (its blocks failed), a shard actor (its samples
+        failed) or a TeacherWorker."""
         import ray
 
+        try:
+            ray.get(self._tables(version), timeout=self.timeout_s)
+        except Exception as err:  # noqa: BLE001
+            return f"epoch {epoch}: the TeacherModel failed on cache version {version}'s embeddings ({one_line(err)})"
         for k, r in enumerate(refs):
             try:
                 ray.get(r, timeout=self.timeout_s)
@@ -297,18 +325,25 @@ class SoftRankingCache:
         v = self.version if version is None else version
         t0 = time.perf_counter()
         prompt = self._prompt_ref(v)
+        tables = self._tables(v)
+        # a new version's one forward (instant once made), timed apart from the epoch's ranking work
+        bounded_wait(tables, f"cache version {v}'s embeddings (the TeacherModel)", self.timeout_s)
+        self.stats.tables_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n = len(self.shards)
         samples = [s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch, k)) for k, s in enumerate(self.shards)]
-        refs = [self.workers[k % len(self.workers)].soft_ranking.remote(v, samples[k], prompt)
-                for k in range(len(self.shards))]
+        refs = [self.workers[k % len(self.workers)].soft_ranking.remote(tables[k], tables[n], samples[k], k, n)
+                for k in range(n)]
         self.refs[epoch] = refs
         self.epoch_version[epoch] = v
         self._call(self.directory.publish.remote(epoch, v, {k: [r] for k, r in enumerate(refs)},
-                                                 [self._items_ref(v)], [prompt]), "the cache directory")
+                                                 [tables[n]], [prompt]), "the cache directory")
         bounded_wait(refs, f"the soft rankings of epoch {epoch} (TeacherWorker and shard actors)", self.timeout_s)
         try:
             self._call(refs, f"the soft rankings of epoch {epoch}")
         except Exception:  # noqa: BLE001 - a value holds an error: say which actor
-            raise ActorLost(self._culprit(samples, refs, epoch)) from None
+            raise ActorLost(self._culprit(samples, refs, epoch, v)) from None
+        self.stats.rank_s.append(time.perf_counter() - t1)
         self.stats.produce_s += time.perf_counter() - t0
         self.stats.epochs_published += 1
         self.stats.max_epochs_held = max(self.stats.max_epochs_held, len(self.refs))
@@ -354,9 +389,9 @@ class SoftRankingCache:
             if got["student"] is None:
                 continue
             try:
-                res = self._call(self.workers[0].prompt_round.remote(
+                res = self._call(self.model.prompt_round.remote(
                     got["student"][0], epoch_seed(self.seed + 1, epoch), self._prompt_ref(self.version)),
-                    f"the prompt round after epoch {epoch} (TeacherWorker 0)")
+                    f"the prompt round after epoch {epoch} (the TeacherModel)")
             except ObjectLostError:  # rank 0 (its owner) died after handing them in: it will again
                 self.log(f"soft-ranking cache: student embeddings of epoch {epoch} were lost; waiting for them again")
                 continue
@@ -459,8 +494,8 @@ class RayCacheKD:
             try:
                 parts: list[SoftRanking] = ray.get([r[0] for r in got["shards"]], timeout=timeout)
                 if got["version"] != self.version or self._items is None:
-                    items = ray.get(got["items"][0], timeout=timeout)
-                    self._items = {m: torch.from_numpy(np.array(h)) for m, h in items.items()}
+                    items = ray.get(got["items"][0], timeout=timeout)  # an item block (`item_block`)
+                    self._items = {m: torch.from_numpy(np.array(h)) for m, h in items["modal"].items()}
                     self.version = got["version"]
             except ObjectLostError:  # their owner died (a Tune shared cache) or they were lost: ask again
                 self._get(self.directory.invalidate.remote(epoch, got["gen"]), "the cache directory", timeout)

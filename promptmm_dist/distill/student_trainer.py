@@ -13,6 +13,7 @@ import torch
 
 from promptmm_dist.config import config_from_dict
 from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
+from promptmm_dist.distill.teacher_model import rows_from_blocks
 from promptmm_dist.models.student import MODELS
 from promptmm_dist.partition.plan import rank_shards
 from promptmm_dist.partition.rank_data import RankData
@@ -23,6 +24,7 @@ from promptmm_dist.train.state import LoopState, latest_state
 from promptmm_dist.train.steps import SoftRanking
 from promptmm_dist.train.student_loop import fit_student
 from promptmm_dist.train.teacher_loop import steps_per_epoch
+from promptmm_dist.train.validation import CLOSING_FILE, Validator, closing_metrics
 
 
 class RankKD:
@@ -73,21 +75,29 @@ def student_train_loop(config: dict) -> None:
     student = MODELS["lightgcn"](rd.n_users, rd.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
                                  teacher_dim=cfg.teacher.embed_dim)
     world.init_tables(student, cfg.seed)
-    if config.get("init_ref") is not None:
-        user, item = ray.get(config["init_ref"])
-        student.init_from(torch.as_tensor(np.asarray(user)[rd.users]), torch.as_tensor(np.asarray(item)[rd.items]))
-    student.to(world.device)
     mine = rank_shards(config["num_shards"], rank, size)
+    if config.get("init_blocks") is not None:  # the teacher's version-0 blocks: this rank's shards and the items
+        blocks = config["init_blocks"]
+        user_blocks = dict(zip(mine, ray.get([blocks[k] for k in mine])))
+        user, item = rows_from_blocks(user_blocks, ray.get(blocks[-1]), rd.users, rd.items)
+        student.init_from(torch.from_numpy(user), torch.from_numpy(item))
+    student.to(world.device)
     cache = RayCacheKD(config["directory"], rank, mine, cfg.prompt.refresh_epochs, cfg.seed,
                        projector=student.projector, n_steps=steps_per_epoch(config["total_pairs"], sc.batch_size))
     kd = RankKD(cache, rd, world)
 
     nodes = rank_nodes(world)  # where each rank runs (metrics.json "placement")
 
+    closing: dict = {}  # the selected student's metrics and serving tables, once training ended
+
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "student", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
         write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
+        if closing:
+            user, item = closing["export"]
+            np.savez(folder / "export.npz", user=user.numpy(), item=item.numpy())
+            write_json(folder / CLOSING_FILE, closing["metrics"])
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
@@ -97,6 +107,13 @@ def student_train_loop(config: dict) -> None:
                              progress_dir=config.get("progress_dir"), kd_state=CacheVersion(cache))
     except TrainingEnded:
         return  # tune stopped the trial: the last epoch's checkpoint is already reported
+    with torch.no_grad():  # `fit_student` left the selected weights loaded, in eval mode
+        user, item = student(graph)
+        metrics = closing_metrics(Validator(rd.local, world), user, graph.gather_items(item)[0])
+        export = (world.full_table(user, "user"), world.full_table(item, "item"))  # whole on rank 0 only
+    metrics["params"] = {"total": world.global_numel(student),
+                         "inference": world.global_numel(student, ("user_emb.weight", "item_emb.weight"))}
+    closing.update(metrics=metrics, export=export)
     # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,
     # whose student.pt holds the selected (best validation) weights
     report({"epoch": result.best_epoch, "final": 1, "val": result.best_val})

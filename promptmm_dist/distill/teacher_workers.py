@@ -1,142 +1,58 @@
-"""TeacherWorker actors: load the teacher checkpoint once, then turn shard samples into soft
-rankings (the cache entries) and run prompt rounds.
+"""TeacherWorker actors: turn a shard's epoch samples into soft rankings (the cache entries) from the
+cache version's embedding blocks (`teacher_model.TeacherModel.version_tables`).
 
-Workers *return* their results; the driver that called them owns the object refs, so the cache
-lives as long as the driver keeps the refs and no longer.
-
-Every call is idempotent: it names the cache version it serves and carries that version's prompt
-(`PromptState`), so a worker restarted by Ray (`max_restarts`, rebuilt from the checkpoint file) and
-a call retried on it (`max_task_retries`) give exactly what the lost worker would have given.
+A worker holds no dataset and no teacher: each call gets the shard's user block and the item block as
+object refs (zero-copy reads) and is a pure function of them, so `dist.num_teacher_workers` workers
+split an epoch's shards between them without repeating the teacher's forward, and a restarted worker
+(or a retried call) gives the same ranking.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from promptmm_dist.config import Config, config_from_dict
-from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.graph import GraphPropagator
-from promptmm_dist.data.sampling import SampleBatch, TrainSampler
-from promptmm_dist.distill.prompt_rounds import prompt_round
-from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
-from promptmm_dist.run_io import load_state
+from promptmm_dist.data.sampling import SampleBatch
+from promptmm_dist.models.teacher import TeacherOutput
 from promptmm_dist.train.steps import SoftRanking, soft_ranking
 
 
-@dataclass
-class PromptState:
-    """The prompt of one cache version: parameters and the prompt optimiser's state (a round steps
-    the prompt with Adam, so the next round depends on its moments too)."""
+def block_output(users: dict, items: dict) -> TeacherOutput:
+    """A TeacherOutput over a user block's rows and the whole item table (read-only arrays: no copy)."""
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    empty = torch.zeros(0)
+    return TeacherOutput(t(users["user"]), t(items["item"]), {m: t(h) for m, h in users["modal"].items()},
+                         {m: t(h) for m, h in items["modal"].items()}, empty, empty)
 
-    version: int
-    state: dict | None  # None: the teacher checkpoint's prompt (version 0)
-    optimizer: dict | None = None
+
+def rank_block(users: dict, items: dict, samples: SampleBatch, shard: int, num_shards: int) -> SoftRanking:
+    """Soft ranking of shard `shard`'s samples from its user block (user u is row u // N)."""
+    su = np.asarray(samples.users)
+    if su.size and np.any(su % num_shards != shard):
+        raise ValueError(f"shard {shard} of {num_shards}: samples hold users of other shards")
+    import warnings
+
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        ranking = soft_ranking(block_output(users, items), su // num_shards, np.asarray(samples.items))
+    ranking.users = SoftRanking.compact_ids(su, "users")
+    return ranking
 
 
 class TeacherWorker:
-    """One frozen teacher (eval mode) per worker; forward computed once per cache version."""
+    """Soft rankings from embedding blocks (plain object, wrapped as a Ray actor by the driver)."""
 
-    def __init__(self, data: InteractionData, cfg_dict: dict, checkpoint: str, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         """`threads`: torch intra-op threads; None = the CPUs Ray reserved for this actor (`num_cpus`,
         whole CPUs, at least one), so a worker given 4 CPUs computes its rankings on 4 threads."""
         from promptmm_dist.ray_setup import actor_threads
-        from promptmm_dist.train.teacher_loop import build_teacher
-        from promptmm_dist.paths import hard_token_dir
 
         self.threads = max(1, threads) if threads is not None else actor_threads()
         torch.set_num_threads(self.threads)
-        self.cfg: Config = config_from_dict(cfg_dict)
-        self.data = data
-        self.graph = GraphPropagator.from_train(data.train_csr, self.cfg.teacher.norm)
-        self.teacher: PromptMMTeacher = build_teacher(data, self.cfg, cache_folder=hard_token_dir())
-        self.teacher.load_state_dict(load_state(Path(checkpoint)))
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.version = 0
-        self._out: TeacherOutput | None = None
-        self._sampler: TrainSampler | None = None
-        self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
-        self._rounds_from = 0  # the version whose optimiser state `_prompt_opt` holds (-1: unknown)
-        self._initial = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
 
-    def _output(self) -> TeacherOutput:
-        if self._out is None:
-            self.teacher.eval()
-            with torch.no_grad():
-                self._out = self.teacher(self.graph)
-        return self._out
-
-    def _serve(self, version: int, prompt: PromptState | None) -> None:
-        """Hold `version`'s prompt: adopt `prompt` when given and different; else insist on `version`."""
-        if prompt is not None and prompt.version != self.version:
-            self.load_prompt(prompt.state, prompt.version, prompt.optimizer)
-        if version != self.version:
-            raise RuntimeError(f"teacher worker holds prompt version {self.version}, asked for {version}")
-
-    def soft_ranking(self, version: int, samples: SampleBatch, prompt: PromptState | None = None) -> SoftRanking:
-        """Teacher logits for a shard's epoch samples under cache `version` (whose prompt `prompt` is,
-        for versions > 0: a restarted worker starts from the checkpoint's prompt, version 0)."""
-        self._serve(version, prompt)
-        return soft_ranking(self._output(), np.asarray(samples.users), np.asarray(samples.items))
-
-    def item_modal_embeddings(self, version: int, prompt: PromptState | None = None) -> dict[str, np.ndarray]:
-        """Teacher item modality embeddings h^m_i (one shared object per version, for embedding KD)."""
-        self._serve(version, prompt)
-        return {m: h.numpy().copy() for m, h in self._output().modal_item.items()}
-
-    def final_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """Fused teacher embeddings (for the explicit `init_from_teacher` option)."""
-        out = self._output()
-        return out.user.numpy().copy(), out.item.numpy().copy()
-
-    def prompt_round(self, student: tuple[np.ndarray, np.ndarray, dict | None], seed: int,
-                     base: PromptState | None = None) -> dict:
-        """Step the prompt against the current student, starting from `base` (the current version's
-        prompt; None: what the worker holds); returns the new prompt state and a summary. A pure
-        function of (teacher checkpoint, base, student, seed): dropout draws from `seed` too."""
-        t0 = time.perf_counter()
-        if base is not None and (base.version != self.version or self._rounds_from != base.version):
-            self.load_prompt(base.state, base.version, base.optimizer)
-        user, item, projector_state = student
-        # no projector state = the student's nn.Identity projector (d_S = d): embedding KD still applies
-        projector: torch.nn.Module = torch.nn.Identity()
-        if projector_state:
-            w = torch.as_tensor(np.asarray(projector_state["weight"]))
-            projector = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-            projector.weight.data.copy_(w)
-        if self._sampler is None:
-            self._sampler = TrainSampler(self.data.train_csr)
-        # copies: the embeddings arrive read-only from the object store (torch warns on those)
-        info = prompt_round(self.teacher, self.graph, torch.tensor(np.asarray(user)),
-                            torch.tensor(np.asarray(item)), projector, self._sampler, self.cfg, seed,
-                            optimizer=self._prompt_opt)
-        state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
-        self.version += 1
-        self._rounds_from = self.version
-        self._out = None
-        return {"state": state, "version": self.version, "round_s": time.perf_counter() - t0,
-                "optimizer": copy.deepcopy(self._prompt_opt.state_dict()), **info}
-
-    def load_prompt(self, state: dict | None, version: int, optimizer: dict | None = None) -> int:
-        """Adopt the prompt another worker stepped, or the one a lost worker held (all workers serve the
-        same cache version); `state` None: the checkpoint's prompt; `optimizer`: the prompt optimiser's
-        state, for the next round."""
-        self.teacher.prompt.load_state_dict(self._initial if state is None else state)
-        self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
-        if optimizer is not None:
-            self._prompt_opt.load_state_dict(optimizer)
-        # a fresh optimiser is exactly version 0's (no round yet)
-        self._rounds_from = version if optimizer is not None or version == 0 else -1
-        self.version = version
-        self._out = None
-        return version
+    def soft_ranking(self, users: dict, items: dict, samples: SampleBatch, shard: int, num_shards: int) -> SoftRanking:
+        """Teacher logits for shard `shard`'s epoch samples (`users`: its user block, `items`: the item block)."""
+        return rank_block(users, items, samples, shard, num_shards)
 
     def resources(self) -> dict:
         """The CPUs Ray reserved for this worker and the torch threads it uses (tests, benchmarks)."""

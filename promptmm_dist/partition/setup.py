@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from promptmm_dist.config import Config
-from promptmm_dist.data.dataset import InteractionData
+from promptmm_dist.data.dataset import DatasetInfo, InteractionData
 from promptmm_dist.models.prompt import cached_hard_tokens
 from promptmm_dist.models.teacher import PromptMMTeacher
 from promptmm_dist.partition.graph import PartitionedGraph
@@ -23,7 +23,7 @@ from promptmm_dist.train.teacher_loop import assemble_teacher, prepare_features
 from promptmm_dist.train.world import World, control_group
 
 
-def canonical_folder(data: InteractionData, data_path: str, out: Path) -> Path:
+def canonical_folder(data: InteractionData | DatasetInfo, data_path: str, out: Path) -> Path:
     """The canonical dataset folder the ranks and shards read: the source itself when it is one,
     else a copy written once into `<out>/data` (synthetic data, other layouts, subsets)."""
     from promptmm_dist.data.formats import read_manifest
@@ -41,7 +41,7 @@ def canonical_folder(data: InteractionData, data_path: str, out: Path) -> Path:
     return folder
 
 
-def dataset_spec(data: InteractionData, data_path: str, out: Path) -> dict:
+def dataset_spec(data: InteractionData | DatasetInfo, data_path: str, out: Path) -> dict:
     """What a rank needs to find its share: small values only (the driver never ships rows)."""
     folder = canonical_folder(data, data_path, out)
     return {"dir": str(folder.resolve()), "n_users": int(data.n_users), "n_items": int(data.n_items),

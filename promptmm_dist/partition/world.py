@@ -92,6 +92,20 @@ class PartitionedWorld(World):
             dist.all_gather(counts, n, group=group_for(n))
         return gather_rows(rows, [int(c) for c in counts], self.rank)
 
+    def global_numel(self, model: torch.nn.Module, names: tuple[str, ...] | None = None) -> int:
+        """Parameters of the whole model (or of the parameters `names`): each sharded table's rows
+        summed over ranks, the replicated modules counted once. Collective."""
+        sharded = dense = 0
+        for name, p in model.named_parameters():
+            if names is not None and name not in names:
+                continue
+            if name in SHARDED_TABLES:
+                sharded += p.numel()
+            else:
+                dense += p.numel()
+        total = self.all_reduce_sum(torch.tensor([float(sharded)], dtype=torch.float64))
+        return int(total.item()) + dense
+
     # ---- tables -------------------------------------------------------------------------------
     def init_tables(self, model: torch.nn.Module, seed: int) -> None:
         """Re-draw the sharded tables so every row's initial value depends on (seed, table, global id)

@@ -130,17 +130,26 @@ def join_by_step(parts: list["SoftRanking"], n_steps: int) -> "SoftRanking":
     return out
 
 
+@torch.no_grad()
+def frozen_list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Tensor,
+                       items: torch.Tensor) -> torch.Tensor:
+    """`list_logits` without a graph: one batched matrix product over the gathered item rows, with no
+    (B, 1+N, d) product temporary (the gather is the only one)."""
+    return torch.bmm(F.embedding(items, item_emb), F.embedding(users, user_emb).unsqueeze(2)).squeeze(2)
+
+
 def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
-                 chunk: int = 65536) -> SoftRanking:
-    """Teacher logits for every list entry, per modality and fused (teacher in eval mode)."""
+                 chunk: int = 8192) -> SoftRanking:
+    """Teacher logits for every list entry, per modality and fused (teacher in eval mode). `chunk` rows
+    at a time: the gathered item rows of a chunk (chunk x (1+N) x d floats) are its working memory."""
     modal = {m: [] for m in out.modal_user}
     fused = []
     for s in range(0, len(users), chunk):
         u = id_tensor(users[s:s + chunk], out.user.device)
         it = id_tensor(items[s:s + chunk], out.user.device)
-        fused.append(list_logits(out.user, out.item, u, it))
+        fused.append(frozen_list_logits(out.user, out.item, u, it))
         for m in modal:
-            modal[m].append(list_logits(out.modal_user[m], out.modal_item[m], u, it))
+            modal[m].append(frozen_list_logits(out.modal_user[m], out.modal_item[m], u, it))
     fused_t = torch.cat(fused) if fused else torch.zeros((0, items.shape[1]))
     margins = (fused_t[:, 0] - fused_t[:, 1]).cpu().numpy().astype(np.float32)
     return SoftRanking(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from promptmm_dist.config import config_from_dict
@@ -18,6 +17,7 @@ from promptmm_dist.run_io import save_checkpoint
 from promptmm_dist.train.progress import worker_log
 from promptmm_dist.train.state import LoopState, latest_state
 from promptmm_dist.train.teacher_loop import fit_teacher, steps_per_epoch
+from promptmm_dist.train.validation import CLOSING_FILE, Validator, closing_metrics
 
 __all__ = ["rank_shards", "shard_epoch_steps", "teacher_train_loop"]
 
@@ -57,10 +57,14 @@ def teacher_train_loop(config: dict) -> None:
 
     nodes = rank_nodes(world)  # where each rank runs (metrics.json "placement")
 
+    closing: dict = {}  # the selected teacher's metrics, once training ended
+
     def files(folder: Path, state: LoopState) -> None:
         save_checkpoint(folder, "teacher", state.best if state.best is not None else state.model, cfg,
                         {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
         write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
+        if closing:
+            write_json(folder / CLOSING_FILE, closing)
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
@@ -68,6 +72,10 @@ def teacher_train_loop(config: dict) -> None:
                          lambda e: shard_epoch_steps(shards, mine, 1, cfg.seed, e, n_steps, rd),
                          config["total_pairs"], world=world, report=report, log=worker_log, resume=resume,
                          progress_dir=config.get("progress_dir"))
+    with torch.no_grad():  # `fit_teacher` left the selected weights loaded, in eval mode
+        out = teacher(graph)
+        closing.update(closing_metrics(Validator(rd.local, world), out.user, graph.gather_items(out.item)[0]))
+    closing["params"] = world.global_numel(teacher)
     # one last report (Tune reads it as the trial's summary); it carries the last epoch's checkpoint,
     # whose teacher.pt holds the selected (best validation) weights
     report({"epoch": result.best_epoch, "final": 1, "val": result.best_val})

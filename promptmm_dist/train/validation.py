@@ -28,3 +28,12 @@ class Validator:
         vec = self.world.all_reduce_sum(vec)
         total = {k: float(v) for k, v in zip(self.keys, vec[:-1])}
         return finalize(total, int(vec[-1]))
+
+
+CLOSING_FILE = "final.json"  # a Ray stage's closing metrics, written by rank 0 into its last checkpoint
+
+
+def closing_metrics(validator: Validator, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict[str, dict]:
+    """Validation and test metrics of the selected model, each rank ranking its own users (exact sums
+    reduced): what the driver reports for a Ray stage, so it never holds the tables itself."""
+    return {split: validator(user_emb, item_emb, split) for split in ("val", "test")}

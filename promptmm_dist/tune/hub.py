@@ -9,7 +9,7 @@ that ends (or is stopped by ASHA) never takes a shared teacher or cache down wit
 Trial side, `SharedCacheProducer` is the trial's `SoftRankingCache`: it publishes the shared
 version-0 epochs in the trial's own `CacheDirectory` (student ranks read them zero-copy, unchanged
 code path) and, after the trial's first prompt round, produces its private versions with its own
-TeacherWorker, exactly like a `promptmm distill` run.
+TeacherModel and TeacherWorker, exactly like a `promptmm distill` run.
 
 All these actors take 0 logical CPUs: they compute on demand while a trial that holds CPUs waits.
 
@@ -59,17 +59,17 @@ class SharedTeacherCache:
         import ray
         import torch
 
-        from promptmm_dist.distill.teacher_workers import TeacherWorker
+        from promptmm_dist.distill.teacher_model import TeacherModel
 
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        self.worker = TeacherWorker(data, cfg_dict, checkpoint)  # in-process: one process per teacher
+        self.worker = TeacherModel(data, cfg_dict, checkpoint)  # in-process: one process per teacher
         self.shards, self.seed, self.n_neg, self.keep_bytes, self.name = shards, seed, n_neg, keep_bytes, name
         self._lock = threading.Lock()  # bookkeeping
         self._compute = threading.Lock()  # the teacher (one forward, then gathers)
         with self._compute:
-            self.items_ref = ray.put(self.worker.item_modal_embeddings(0))
-        self._final_ref = None
+            self.items_ref = ray.put(self.worker.item_block(0))
+        self._blocks: list | None = None
         self._epochs: dict[int, dict] = {}  # epoch -> {"refs", "bytes", "ready": Event, "leases": set}
         self._trials: dict[str, dict] = {}  # trial -> {"pos": next epoch needed, "directory", "seen"}
         self.stats = {"epochs_computed": 0, "recomputed": 0, "served": 0, "served_shared": 0,
@@ -91,13 +91,14 @@ class SharedTeacherCache:
                 e["leases"].discard(trial)
         self._evict()
 
-    def final_embeddings(self) -> list:
+    def version0_blocks(self) -> list:
+        """Version 0's embedding blocks (`TeacherModel.version_tables`), for `init_from_teacher`."""
         import ray
 
         with self._compute:
-            if self._final_ref is None:
-                self._final_ref = ray.put(self.worker.final_embeddings())
-        return [self._final_ref]
+            if self._blocks is None:
+                self._blocks = [ray.put(b) for b in self.worker.version_tables(0, None, len(self.shards))]
+        return list(self._blocks)
 
     # -- epochs
     def epoch(self, epoch: int, trial: str) -> tuple[dict[int, list], list]:
@@ -275,7 +276,7 @@ class TeacherHub:
         (out / "config.yaml").write_text(cfg.to_yaml())
         log(f"tune: training teacher {sig} (first needed by trial {trial})")
         t0 = time.perf_counter()
-        shared = {"shards": self.shared["shards"], "data_ref": self.data_ref, "dataset": self.shared["dataset"]}
+        shared = {"shards": self.shared["shards"], "dataset": self.shared["dataset"]}
         run = DistributedRun(self.data, cfg, out, shared=shared)
         run.cpus = self.plan["cpus_per_worker"]
         folder, meta = run.train_teacher()
@@ -406,16 +407,17 @@ class TeacherHub:
 class SharedCacheProducer(SoftRankingCache):
     """A trial's cache producer: shared version-0 epochs, private versions after a prompt round."""
 
-    def __init__(self, shared_cache, trial: str, make_worker, *args: Any, **kw: Any) -> None:
+    def __init__(self, shared_cache, trial: str, make_teacher, *args: Any, **kw: Any) -> None:
+        """`make_teacher()`: (a TeacherModel, [TeacherWorkers]) for the trial's private versions."""
         super().__init__(*args, **kw)
-        self.shared, self.trial, self.make_worker = shared_cache, trial, make_worker
+        self.shared, self.trial = shared_cache, trial
         self._shared_epochs: set[int] = set()
         self._shared_items: Any = None
         self._left = False
         self.shared_stats = {"epochs_shared": 0, "fetch_s": 0.0}
-        if self.refresh > 0 and not self.workers:
+        if self.refresh > 0 and self.model is None:
             # private teacher for this trial's prompt rounds; it loads while version 0 is served
-            self.workers = [make_worker()]
+            self.model, self.workers = make_teacher()
 
     def _items_ref(self, version: int | None = None):
         v = self.version if version is None else version

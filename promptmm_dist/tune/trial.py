@@ -47,6 +47,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from promptmm_dist.actor_calls import bounded_get
     from promptmm_dist.distill.cache import CacheDirectory
     from promptmm_dist.distill.student_trainer import student_train_loop
+    from promptmm_dist.distill.teacher_model import TeacherModel
     from promptmm_dist.distill.teacher_workers import TeacherWorker
     from promptmm_dist.paths import hard_token_dir
 
@@ -77,20 +78,21 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     wait_s = cfg.dist.actor_timeout_s  # every wait on an actor below (the teacher wait above is training)
     shared_cache = bounded_get(hub.join.remote(trial, sig, S.cache_key(cfg, sig), cfg_dict, directory),
                                "the teacher hub (join)", wait_s)[0]
-    data_ref = spec["data"][0]
-    worker_cls = ray.remote(num_cpus=0, **ray_setup.actor_options(cfg.dist))(TeacherWorker)
+    opts = ray_setup.actor_options(cfg.dist)
+    model_cls = ray.remote(num_cpus=0, **opts)(TeacherModel)
+    worker_cls = ray.remote(num_cpus=0, **opts)(TeacherWorker)
     n_ranks = max(cfg.dist.num_workers, 1)
     producer = SharedCacheProducer(
-        shared_cache, trial, lambda: worker_cls.remote(data_ref, cfg_dict, ckpt),
-        spec["shards"], [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
+        shared_cache, trial, lambda: (model_cls.remote(spec["dataset"], cfg_dict, ckpt), [worker_cls.remote()]),
+        spec["shards"], None, [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
         cfg.prompt.refresh_epochs, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
     loop_config = {"cfg": cfg_dict, "dataset": spec["dataset"],
                    "total_pairs": spec["total_pairs"], "threads": ray_setup.torch_threads(plan["cpus_per_worker"]),
                    "token_cache": str(hard_token_dir()), "num_shards": len(spec["shards"]),
                    "directory": directory}
     if cfg.student.init_from_teacher:
-        loop_config["init_ref"] = bounded_get(shared_cache.final_embeddings.remote(),
-                                              "the shared soft-ranking cache (final embeddings)", wait_s)[0]
+        loop_config["init_blocks"] = bounded_get(shared_cache.version0_blocks.remote(),
+                                                 "the shared soft-ranking cache (version 0's blocks)", wait_s)
     scaling, run_config = ray_setup.trainer_configs(cfg, f"student_{trial}", out, plan["cpus_per_worker"],
                                                     callbacks=[TuneReportCallback()])
     trainer = TorchTrainer(student_train_loop, train_loop_config=loop_config, scaling_config=scaling,
@@ -101,7 +103,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     finally:
         producer.stop()
         bounded_get(hub.leave.remote(trial), "the teacher hub (leave)", wait_s)
-        for w in producer.workers:
+        for w in [producer.model, *producer.workers] if producer.model is not None else []:
             ray.kill(w)
         ray.kill(directory)
     if producer.error is not None:
