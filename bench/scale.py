@@ -3,6 +3,7 @@ teacher and student for S steps on a synthetic dataset; per-rank memory, step sp
 
     python bench/scale.py --users 1000000 --items 100000 --interactions 20000000 --workers 1,2 --steps 100
     python bench/scale.py --users 20000 --items 5000 --interactions 400000 --workers 2 --steps 10 --json
+    python bench/scale.py --pipeline --users 250000 --items 25000 --interactions 5000000   # the whole pipeline
 
 The data is generated once (`promptmm data synth`, in its own process) into `--data-dir` and reused.
 The driver (this process) reads the manifest only: the ranks read their users' Parquet rows and their
@@ -169,6 +170,10 @@ def markdown(runs: dict[str, dict], sizes: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--pipeline" in (sys.argv[1:] if argv is None else argv):  # the whole pipeline (bench/pipeline_scale.py)
+        from pipeline_scale import main as pipeline_main
+
+        return pipeline_main(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_size_args(p)
     p.add_argument("--workers", default="1,2", help="W values to run, comma-separated (each with the same batch)")

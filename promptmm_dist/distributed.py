@@ -18,7 +18,7 @@ import numpy as np
 from promptmm_dist.actor_calls import bounded_get
 from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import DatasetInfo, InteractionData
-from promptmm_dist.data.shards import ShardState
+from promptmm_dist.data.shards import ShardState, split_by_shard
 from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
 from promptmm_dist.distill.teacher_model import TeacherModel
 from promptmm_dist.distill.teacher_workers import TeacherWorker
@@ -58,10 +58,16 @@ class DistributedRun:
         self.data = DatasetInfo(data.name, data.n_users, data.n_items, list(data.modalities), data.manifest_sha256)
         if shared is None:
             ray_setup.shards_cover_workers(cfg.dist, log)
+            n = cfg.dist.num_shards
             parquet = Path(self.dataset["dir"]) / "interactions.parquet"
+            # one streaming pass (a task, not the driver) writes each shard's rows to its own file; the
+            # shard actors and the ranks then read their own files only
+            files = bounded_get(ray.remote(num_cpus=ray_setup.SHARD_CPUS)(split_by_shard).remote(
+                str(parquet), n, str(out / "shards" / f"{n}"), data.manifest_sha256),
+                "the interactions split by shard", cfg.dist.actor_timeout_s)
+            self.dataset["shard_files"] = files
             shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS, **ray_setup.actor_options(cfg.dist))(ShardState)
-            self.shards = [shard_cls.remote(str(parquet), k, cfg.dist.num_shards, data.n_users, data.n_items)
-                           for k in range(cfg.dist.num_shards)]
+            self.shards = [shard_cls.remote(files[k], k, n, data.n_users, data.n_items) for k in range(n)]
         else:
             self.shards = list(shared["shards"])
         self.shard_info = bounded_get([s.info.remote() for s in self.shards], "the shard actors (loading)",

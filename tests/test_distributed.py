@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -44,6 +45,31 @@ def test_shards_are_disjoint_and_cover_all_users(tiny):
     for s in shards:  # a shard's samples are its own users' training pairs
         batch = s.epoch_samples(4, seed=0)
         assert (batch.users % 3 == s.shard).all()
+
+
+def test_split_files_hold_exactly_each_shards_rows(tiny, tmp_path):
+    """`split_by_shard` writes shard k's rows (user % N == k) to its own file, in the canonical order, so a
+    shard actor and a rank read only their part and see what filtering the whole file gave; a second
+    call reuses the files."""
+    from promptmm_dist.data.shards import read_shard, split_by_shard
+    from promptmm_dist.partition.rank_data import read_rank_rows
+
+    data, parquet, *_ = tiny
+    files = split_by_shard(str(parquet), 3, str(tmp_path / "s3"), data.manifest_sha256)
+    assert [Path(f).name for f in files] == [f"shard-{k}-of-3.parquet" for k in range(3)]
+    for k, f in enumerate(files):
+        mine, whole = read_shard(Path(f), k, 3), read_shard(parquet, k, 3)
+        for a, b in zip(mine, whole):
+            np.testing.assert_array_equal(a, b)
+        assert pq.ParquetFile(f).metadata.num_rows == len(whole[0])  # nothing of the other shards
+    for rank in range(2):  # ranks over 3 shards: 0 -> {0, 2}, 1 -> {1}; other shards' files are never opened
+        theirs = [f if k % 2 == rank else str(tmp_path / "absent.parquet") for k, f in enumerate(files)]
+        got, want = read_rank_rows(parquet, 3, rank, 2, theirs), read_rank_rows(parquet, 3, rank, 2)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    stamp = Path(files[0]).stat().st_mtime_ns
+    assert split_by_shard(str(parquet), 3, str(tmp_path / "s3"), data.manifest_sha256) == files
+    assert Path(files[0]).stat().st_mtime_ns == stamp
 
 
 def test_shard_negatives_are_never_training_items(tiny):

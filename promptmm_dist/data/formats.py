@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from promptmm_dist.data import validate as V
-from promptmm_dist.data.dataset import SPLIT_NAMES, InteractionData
+from promptmm_dist.data.dataset import SPLIT_NAMES, DatasetInfo, InteractionData
 from promptmm_dist.errors import DataError
 
 FORMATS = ("promptmm", "mmrec", "canonical")
@@ -316,12 +316,10 @@ def manifest_recipe(path: str | Path) -> tuple[str | None, str]:
     return recipe, where
 
 
-def canonical_info(path: str | Path, modalities: Sequence[str] | None = None) -> "DatasetInfo | None":
+def canonical_info(path: str | Path, modalities: Sequence[str] | None = None) -> DatasetInfo | None:
     """A prepared folder's identity and sizes from its manifest (files checked as `load_dataset` checks
     them: present, recorded sizes, sha256 when small), without reading its rows; None when `path` is not
     a prepared folder or `modalities` selects a subset (that is a different dataset: load it)."""
-    from promptmm_dist.data.dataset import DatasetInfo
-
     if is_synthetic(path) or not Path(path).is_dir() or not (Path(path) / MANIFEST).is_file():
         return None
     root = Path(path)

@@ -24,8 +24,50 @@ if TYPE_CHECKING:
     from promptmm_dist.config import DistConfig
 
 
+def split_by_shard(parquet: str, num_shards: int, folder: str, tag: str = "") -> list[str]:
+    """Write each shard's rows (user % N == k) to its own Parquet file in `folder`, in one streaming pass
+    over the canonical file, so each shard actor and rank then reads its own rows only. `tag` (the
+    dataset's manifest hash) names what was split: a folder holding the same tag's files is reused. The
+    files appear together or not at all (written into a temporary folder, then renamed)."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import pyarrow as pa
+
+    out = Path(folder)
+    names = [f"shard-{k}-of-{num_shards}.parquet" for k in range(num_shards)]
+    marker = out / "split.json"
+    want = {"source": str(Path(parquet).resolve()), "num_shards": num_shards, "tag": tag,
+            "source_bytes": Path(parquet).stat().st_size}
+    if marker.is_file() and json.loads(marker.read_text()) == want and all((out / n).is_file() for n in names):
+        return [str(out / n) for n in names]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        source = pq.ParquetFile(str(parquet))
+        schema = source.schema_arrow
+        writers = [pq.ParquetWriter(str(tmp / n), schema) for n in names]
+        for batch in source.iter_batches(batch_size=1 << 20):
+            table = pa.Table.from_batches([batch], schema=schema)
+            shard_of = np.asarray(batch.column(batch.schema.get_field_index("user")).to_numpy()) % num_shards
+            for k, w in enumerate(writers):
+                w.write_table(table.filter(pa.array(shard_of == k)))
+        for w in writers:
+            w.close()
+        (tmp / "split.json").write_text(json.dumps(want))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [str(out / n) for n in names]
+
+
 def read_shard(parquet: Path, shard: int, num_shards: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users, items, splits) of the shard's users, read batch by batch so memory stays bounded."""
+    """(users, items, splits) of the shard's users, read batch by batch so memory stays bounded.
+    `parquet`: the shard's own file (`split_by_shard`) or the whole canonical file (filtered while read)."""
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for batch in pq.ParquetFile(str(parquet)).iter_batches(batch_size=1 << 20, columns=["user", "item", "split"]):
         users = batch.column(0).to_numpy()

@@ -26,18 +26,26 @@ from promptmm_dist.train.world import World
 FEATURES_DIR = "features"
 
 
-def read_rank_rows(parquet: Path, num_shards: int, rank: int, world_size: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(users, items, splits) of the users whose shard this rank trains, streamed batch by batch."""
+def read_rank_rows(parquet: Path, num_shards: int, rank: int, world_size: int,
+                   shard_files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, splits) of the users whose shard this rank trains, streamed batch by batch, in the
+    canonical file's (user, item, split) order. `shard_files` (`data.shards.split_by_shard`): read only
+    this rank's shards' files instead of filtering the whole file."""
+    sources = [Path(shard_files[k]) for k in range(num_shards) if k % world_size == rank] if shard_files else [parquet]
     parts = []
-    for batch in pq.ParquetFile(str(parquet)).iter_batches(batch_size=1 << 20, columns=["user", "item", "split"]):
-        users = batch.column(0).to_numpy().astype(np.int64)
-        keep = (users % num_shards) % world_size == rank
-        parts.append((users[keep], batch.column(1).to_numpy()[keep].astype(np.int64),
-                      batch.column(2).to_numpy()[keep].astype(np.int8)))
+    for source in sources:
+        for batch in pq.ParquetFile(str(source)).iter_batches(batch_size=1 << 20, columns=["user", "item", "split"]):
+            users = batch.column(0).to_numpy().astype(np.int64)
+            keep = (users % num_shards) % world_size == rank
+            parts.append((users[keep], batch.column(1).to_numpy()[keep].astype(np.int64),
+                          batch.column(2).to_numpy()[keep].astype(np.int8)))
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int8)
-    return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+    users, items, splits = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    if len(sources) > 1:  # shard by shard: back to the canonical order
+        order = np.lexsort((splits, items, users))
+        users, items, splits = users[order], items[order], splits[order]
+    return users, items, splits
 
 
 @dataclass
@@ -126,10 +134,12 @@ class RankData:
 
 
 def load_rank_data(folder: str | Path, n_users: int, n_items: int, modalities: list[str], num_shards: int,
-                   world: World, name: str = "", manifest_sha256: str = "") -> RankData:
+                   world: World, name: str = "", manifest_sha256: str = "",
+                   shard_files: list[str] | None = None) -> RankData:
     """Read this rank's share of a canonical dataset folder (collective: every rank calls it)."""
     folder = Path(folder)
-    users, items, splits = read_rank_rows(folder / "interactions.parquet", num_shards, world.rank, world.world_size)
+    users, items, splits = read_rank_rows(folder / "interactions.parquet", num_shards, world.rank, world.world_size,
+                                          shard_files)
     train = splits == TRAIN
     pairs = np.unique(users[train] * n_items + items[train])  # one row per training pair
     t_users, t_items = pairs // n_items, pairs % n_items

@@ -55,7 +55,8 @@ def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: st
     control_group()  # the CPU group beside NCCL, created by every rank at the same point
     base = World(rank, world_size)
     rd = load_rank_data(spec["dir"], spec["n_users"], spec["n_items"], spec["modalities"], num_shards, base,
-                        name=spec.get("name", ""), manifest_sha256=spec.get("manifest_sha256", ""))
+                        name=spec.get("name", ""), manifest_sha256=spec.get("manifest_sha256", ""),
+                        shard_files=spec.get("shard_files") if len(spec.get("shard_files") or ()) == num_shards else None)
     world = PartitionedWorld(rank, world_size, rd.plan, device)
     rd.world = world
     return rd, world, rd.graph(norm, exchange)
