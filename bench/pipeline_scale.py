@@ -48,27 +48,28 @@ class Sampler(threading.Thread):
         self.root, self.every = root, every
         self.procs: dict[int, dict] = {}
         self.shm_peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         from promptmm_dist.faults import cmdline, descendants
 
         base = shutil.disk_usage("/dev/shm").used if Path("/dev/shm").is_dir() else 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             for pid in [self.root, *descendants(self.root)]:
                 hwm = status_kib(pid, "VmHWM")
                 if hwm is None:
                     continue
-                rec = self.procs.setdefault(pid, {"title": cmdline(pid)[:120], "peak_kib": 0})
-                if rec["title"].startswith("ray::IDLE") or not rec["title"]:
-                    rec["title"] = cmdline(pid)[:120] or rec["title"]
+                rec = self.procs.setdefault(pid, {"title": "", "peak_kib": 0})
+                title = cmdline(pid)[:120]
+                if title.startswith("ray::") and not title.startswith("ray::IDLE") or not rec["title"]:
+                    rec["title"] = title or rec["title"]  # a worker takes its actor's title after it starts
                 rec["peak_kib"] = max(rec["peak_kib"], hwm)
             if base or Path("/dev/shm").is_dir():
                 self.shm_peak = max(self.shm_peak, shutil.disk_usage("/dev/shm").used - base)
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
