@@ -64,3 +64,28 @@ def current_node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
         return None
+
+
+class ActorInfo:
+    """What every actor of a run answers about itself (tests, benchmarks, `metrics.json` "placement")."""
+
+    def resources(self) -> dict:
+        """The CPUs Ray reserved for this actor and the torch threads it uses."""
+        import ray
+        import torch
+
+        try:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
+            cpus = None
+        return {"cpus": cpus, "threads": torch.get_num_threads()}
+
+    def node_id(self) -> str | None:
+        """The Ray node this actor runs on."""
+        return current_node_id()
+
+    def pid(self) -> int:
+        """This actor's process id (fault injection)."""
+        import os
+
+        return os.getpid()

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.data.dataset import TEST, TRAIN, VAL, InteractionData
 from promptmm_dist.data.sampling import SampleBatch, TrainSampler
 
@@ -78,7 +79,7 @@ def read_shard(parquet: Path, shard: int, num_shards: int) -> tuple[np.ndarray, 
     return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
 
-class ShardState:
+class ShardState(ActorInfo):
     """A shard's interactions and samplers (plain object, wrapped as a Ray actor below)."""
 
     def __init__(self, parquet: str, shard: int, num_shards: int, n_users: int, n_items: int) -> None:
@@ -101,18 +102,6 @@ class ShardState:
         return {"shard": self.shard, "users": len(self.all_users), "train_pairs": self.sampler.n_pairs,
                 "val_users": int(len(np.unique(self.eval_pairs["val"][0]))),
                 "test_users": int(len(np.unique(self.eval_pairs["test"][0])))}
-
-    def node_id(self) -> str | None:
-        """The Ray node this shard runs on (`metrics.json` "placement")."""
-        from promptmm_dist.actor_calls import current_node_id
-
-        return current_node_id()
-
-    def pid(self) -> int:
-        """This actor's process id (fault-injection tests and benchmarks)."""
-        import os
-
-        return os.getpid()
 
     def users(self) -> np.ndarray:
         return self.all_users

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.config import Config, config_from_dict
 from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.graph import GraphPropagator
@@ -74,7 +75,7 @@ def load_canonical(spec: dict) -> InteractionData:
     return load_dataset(spec["dir"], modalities=spec.get("modalities"))
 
 
-class TeacherModel:
+class TeacherModel(ActorInfo):
     """The frozen teacher (eval mode); its forward is computed once per cache version."""
 
     def __init__(self, data: InteractionData | dict, cfg_dict: dict, checkpoint: str, threads: int | None = None) -> None:
@@ -182,25 +183,3 @@ class TeacherModel:
         self.version = version
         self._out = None
         return version
-
-    def resources(self) -> dict:
-        """The CPUs Ray reserved for this actor and the torch threads it uses (tests, benchmarks)."""
-        import ray
-
-        try:
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
-            cpus = None
-        return {"cpus": cpus, "threads": torch.get_num_threads()}
-
-    def node_id(self) -> str | None:
-        """The Ray node this actor runs on (`metrics.json` "placement")."""
-        from promptmm_dist.actor_calls import current_node_id
-
-        return current_node_id()
-
-    def pid(self) -> int:
-        """This actor's process id (fault-injection tests and benchmarks)."""
-        import os
-
-        return os.getpid()

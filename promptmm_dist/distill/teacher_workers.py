@@ -9,9 +9,12 @@ split an epoch's shards between them without repeating the teacher's forward, an
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.data.sampling import SampleBatch
 from promptmm_dist.models.teacher import TeacherOutput
 from promptmm_dist.train.steps import SoftRanking, soft_ranking
@@ -30,8 +33,6 @@ def rank_block(users: dict, items: dict, samples: SampleBatch, shard: int, num_s
     su = np.asarray(samples.users)
     if su.size and np.any(su % num_shards != shard):
         raise ValueError(f"shard {shard} of {num_shards}: samples hold users of other shards")
-    import warnings
-
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
         warnings.simplefilter("ignore", UserWarning)
         ranking = soft_ranking(block_output(users, items), su // num_shards, np.asarray(samples.items))
@@ -39,7 +40,7 @@ def rank_block(users: dict, items: dict, samples: SampleBatch, shard: int, num_s
     return ranking
 
 
-class TeacherWorker:
+class TeacherWorker(ActorInfo):
     """Soft rankings from embedding blocks (plain object, wrapped as a Ray actor by the driver)."""
 
     def __init__(self, threads: int | None = None) -> None:
@@ -53,25 +54,3 @@ class TeacherWorker:
     def soft_ranking(self, users: dict, items: dict, samples: SampleBatch, shard: int, num_shards: int) -> SoftRanking:
         """Teacher logits for shard `shard`'s epoch samples (`users`: its user block, `items`: the item block)."""
         return rank_block(users, items, samples, shard, num_shards)
-
-    def resources(self) -> dict:
-        """The CPUs Ray reserved for this worker and the torch threads it uses (tests, benchmarks)."""
-        import ray
-
-        try:
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        except Exception:  # noqa: BLE001 - a plain object outside a Ray worker
-            cpus = None
-        return {"cpus": cpus, "threads": torch.get_num_threads()}
-
-    def node_id(self) -> str | None:
-        """The Ray node this worker runs on (`metrics.json` "placement")."""
-        from promptmm_dist.actor_calls import current_node_id
-
-        return current_node_id()
-
-    def pid(self) -> int:
-        """This worker's process id (fault-injection tests and benchmarks)."""
-        import os
-
-        return os.getpid()
