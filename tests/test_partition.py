@@ -4,8 +4,6 @@ math); the Ray Train path is covered end to end in test_distributed.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

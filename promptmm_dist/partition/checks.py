@@ -27,7 +27,7 @@ def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, no
     whole_items = graph.gather_items(x_item)[0]  # (I, d) gathered order
     total = graph.sum_items(x_item.t() @ x_item)
     # a scalar touching every output, weighted per global id
-    u, i = rd.n_users, rd.n_items
+    u = rd.n_users
     loss = ((hop[:u] * w_user).sum() + (hop[u:] * w_item).sum() + (mean[:u] * w_user).sum() * 0.5
             + (mean[u:] * w_item).sum() * 0.5 + (umean * w_user).sum() * 0.25
             + (whole_items[torch.from_numpy(rd.plan.item_pos[rd.items])] * w_item).sum() * 0.1

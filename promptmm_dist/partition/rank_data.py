@@ -93,36 +93,47 @@ class RankData:
         du = self.user_degree[self.train_users].astype(np.float64)
         di = self.item_degree[self.train_items].astype(np.float64)
         if norm == "sym":
-            user_val = item_val = 1.0 / np.sqrt(du * di)
+            user_val = item_val = (1.0 / np.sqrt(du * di)).astype(np.float32)
         elif norm == "left":
-            user_val, item_val = 1.0 / du, 1.0 / di
+            user_val, item_val = (1.0 / du).astype(np.float32), (1.0 / di).astype(np.float32)
         else:
             raise ValueError(f"unknown adjacency normalisation {norm!r} (use 'sym' or 'left')")
+        del du, di
+        # item-side rows: (my item row, the user's node row on its owner, value) from every rank, sent as
+        # 32-bit rows (every rank sends the same dtype); the arrays go as soon as they are sent
         i_owner, i_node = plan.item_node(self.train_items)
-        # item-side rows: (my item row, the user's node row on its owner, value) from every rank
-        i_local = plan.local_item(self.train_items)
         order = np.argsort(i_owner, kind="stable")
         bounds = np.searchsorted(i_owner[order], np.arange(w + 1))
+        i_local = plan.local_item(self.train_items)
+        index = np.int32 if int(plan.node_counts().max()) < 2**31 else np.int64
         send_int = [torch.from_numpy(np.stack([i_local[order[bounds[s]:bounds[s + 1]]],
-                                               self.train_users[order[bounds[s]:bounds[s + 1]]]], axis=1))
+                                               self.train_users[order[bounds[s]:bounds[s + 1]]]], axis=1).astype(index))
                     for s in range(w)]
-        send_val = [torch.from_numpy(item_val[order[bounds[s]:bounds[s + 1]]].astype(np.float32)) for s in range(w)]
+        send_val = [torch.from_numpy(item_val[order[bounds[s]:bounds[s + 1]]]) for s in range(w)]
+        del order, i_local, item_val
         got_int = exchange_lists(send_int, w)
+        del send_int
         got_val = exchange_lists(send_val, w)
-        u_r = int(plan.user_counts[r])
-        rows = [self.train_users]
-        owners = [i_owner]
-        cols = [i_node]
-        vals = [user_val.astype(np.float32)]
+        del send_val
+        # one preallocated array per field (no list of parts beside its concatenation)
+        u_r, n_own = int(plan.user_counts[r]), len(self.train_users)
+        n = n_own + sum(int(g.shape[0]) for g in got_val)
+        rows, owners = np.empty(n, index), np.empty(n, np.int32)
+        cols, vals = np.empty(n, index), np.empty(n, np.float32)
+        rows[:n_own], owners[:n_own], cols[:n_own], vals[:n_own] = self.train_users, i_owner, i_node, user_val
+        del i_owner, i_node, user_val
+        at = n_own
         for s in range(w):
             pairs = got_int[s].numpy().reshape(-1, 2)
-            rows.append(u_r + pairs[:, 0])
-            owners.append(np.full(len(pairs), s, dtype=np.int64))
-            cols.append(pairs[:, 1])
-            vals.append(got_val[s].numpy())
+            end = at + len(pairs)
+            rows[at:end] = u_r + pairs[:, 0]
+            owners[at:end] = s
+            cols[at:end] = pairs[:, 1]
+            vals[at:end] = got_val[s].numpy()
+            got_int[s] = got_val[s] = None
+            at = end
         n_nodes = u_r + int(plan.item_counts[r])
-        return PartitionedSpMM(np.concatenate(rows), np.concatenate(owners), np.concatenate(cols),
-                               np.concatenate(vals), n_nodes, [int(c) for c in plan.node_counts()], r, w, mode)
+        return PartitionedSpMM(rows, owners, cols, vals, n_nodes, [int(c) for c in plan.node_counts()], r, w, mode)
 
     def _mean_operator(self, mode: str) -> PartitionedSpMM:
         """D_u^-1 R over the rank's users: each user row averages its training items' rows."""

@@ -17,6 +17,7 @@ from promptmm_dist.data.dataset import DatasetInfo, InteractionData
 from promptmm_dist.models.prompt import cached_hard_tokens
 from promptmm_dist.models.teacher import PromptMMTeacher
 from promptmm_dist.partition.graph import PartitionedGraph
+from promptmm_dist.partition.memory import return_large_blocks_to_the_os
 from promptmm_dist.partition.rank_data import RankData, load_rank_data
 from promptmm_dist.partition.world import PartitionedWorld
 from promptmm_dist.train.teacher_loop import assemble_teacher, prepare_features
@@ -52,6 +53,7 @@ def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: st
                device: torch.device | None = None) -> tuple[RankData, PartitionedWorld, PartitionedGraph]:
     """This rank's data, world and graph (collective: every rank of the group calls it). `device`: where
     the rank's tables and row exchanges live (default CPU); setup itself runs on the CPU."""
+    return_large_blocks_to_the_os()  # a rank's freed arrays leave the process (partition.memory)
     control_group()  # the CPU group beside NCCL, created by every rank at the same point
     base = World(rank, world_size)
     rd = load_rank_data(spec["dir"], spec["n_users"], spec["n_items"], spec["modalities"], num_shards, base,
