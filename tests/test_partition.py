@@ -52,8 +52,8 @@ def test_item_dealing_is_deterministic_and_respects_the_count_cap():
     assert np.bincount(owner).tolist() == [3, 3]
 
 
-@pytest.mark.parametrize("exchange", ["needed", "all"])
-def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subset, exchange):
+@pytest.mark.parametrize("exchange,chunk_rows", [("needed", None), ("all", None), ("needed", 50)])
+def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subset, exchange, chunk_rows):
     data, spec = subset
     d, layers = 8, 2
     u_n, i_n = data.n_users, data.n_items
@@ -68,7 +68,9 @@ def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subse
     loss = ((hop[:u_n] * wu).sum() + (hop[u_n:] * wi).sum() + (mean[:u_n] * wu).sum() * 0.5
             + (mean[u_n:] * wi).sum() * 0.5 + (umean * wu).sum() * 0.25 + (xi * wi).sum() * 0.1 + total.sum() * 1e-3)
     loss.backward()
-    ranks = run_group(propagation_rank, 2, spec, 4, "sym", exchange, d, layers)
+    ranks = run_group(propagation_rank, 2, spec, 4, "sym", exchange, d, layers, chunk_rows)
+    # small pieces: every hop's halo travels in several pieces, pipelined with the products
+    assert all((r["pieces"] > 2) if chunk_rows else (r["pieces"] == 1) for r in ranks)
 
     def close(got: np.ndarray, want: torch.Tensor) -> None:
         want = want.detach().numpy()

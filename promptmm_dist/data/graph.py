@@ -51,8 +51,8 @@ def cpu_product(m: sp.csr_matrix, x: torch.Tensor, add_to: torch.Tensor | None =
     add_to += m @ x in place (no temporary of the product's size) and returns add_to.
 
     With int32 indices (scipy's choice below 2^31 nonzeros) the product runs torch's MKL CSR kernel on
-    a view of m's own arrays (no copy): 1.7-1.9x scipy's loop on one thread at 1M users, 2.0x on Tiktok
-    at 64 columns, 0.8x on Tiktok at 192 (bench/results/spmm_kernel.md: a few ms per hop at that size).
+    a view of m's own arrays (no copy): 1.9-2.2x scipy's loop on one thread, on Tiktok and at 1M users,
+    64 and 192 columns (bench/results/spmm_kernel.md).
     With int64 indices torch has no MKL path and is slower than scipy, so scipy does those."""
     x = x.detach()
     if x.dtype != torch.float32:
@@ -67,7 +67,12 @@ def cpu_product(m: sp.csr_matrix, x: torch.Tensor, add_to: torch.Tensor | None =
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             view = torch.sparse_csr_tensor(torch.from_numpy(m.indptr), torch.from_numpy(m.indices),
                                            torch.from_numpy(m.data), size=m.shape, check_invariants=False)
-        return view @ x if add_to is None else add_to.addmm_(view, x)
+        if add_to is not None:
+            return add_to.addmm_(view, x)
+        # into a new uninitialised tensor with beta=0 (never read): `view @ x` would zero a temporary,
+        # multiply into it and copy it out, 1.5x the time of the product itself
+        out = x.new_empty((m.shape[0],) + tuple(x.shape[1:]))
+        return torch.addmm(out, view, x, beta=0.0, out=out)
     y = torch.from_numpy(np.asarray(m @ x.numpy()))
     return y if add_to is None else add_to.add_(y)
 

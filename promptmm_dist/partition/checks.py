@@ -13,10 +13,12 @@ from promptmm_dist.partition.world import row_seeded_normal
 
 
 def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, norm: str, exchange: str,
-                     dim: int, layers: int) -> dict:
+                     dim: int, layers: int, chunk_rows: int | None = None) -> dict:
     """Forward and input gradients of the graph operators on this rank's rows, for inputs and output
-    weights drawn per global id (so every W sees the same numbers)."""
-    rd, world, graph = setup_rank(spec, num_shards, rank, world_size, norm, exchange)
+    weights drawn per global id (so every W sees the same numbers). `chunk_rows`: halo pieces this
+    small, so every hop runs pipelined in pieces."""
+    rd, world, graph = setup_rank(spec, num_shards, rank, world_size, norm, exchange,
+                                  **({"chunk_rows": chunk_rows} if chunk_rows else {}))
     x_user = row_seeded_normal(rd.users, dim, 1, "x_user").requires_grad_()
     x_item = row_seeded_normal(rd.items, dim, 1, "x_item").requires_grad_()
     w_user = row_seeded_normal(rd.users, dim, 2, "w_user")
@@ -39,7 +41,7 @@ def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, no
             "gathered_ids": rd.plan.gathered_items, "gathered": whole_items.detach().numpy(),
             "total": total.detach().numpy(),
             "grad_user": x_user.grad.numpy(), "grad_item": x_item.grad.numpy(),
-            "values_received": graph.nodes.values_received}
+            "values_received": graph.nodes.values_received, "pieces": graph.nodes.n_pieces}
 
 
 def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict: dict) -> dict:

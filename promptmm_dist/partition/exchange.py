@@ -1,10 +1,12 @@
-"""The collectives partitioned execution needs, as autograd functions (gloo on CPU, NCCL on GPU).
+"""The collectives partitioned execution needs (gloo on CPU, NCCL on GPU).
 
-Each forward collective has the matching reduction as its backward, so a rank's loss sends the gradient
-of every row it borrowed back to the row's owner:
+- `start_exchange`: rows to each peer and from each peer (all_to_all_single), not waited for, so a hop
+  computes while they travel; a hop (`partition.operator`) fetches its halo with it and returns the
+  halo's gradient to the owners the same way.
 
-- `fetch_rows`: the rows of a row-partitioned block that this rank needs from each peer
-  (all_to_all_single); backward returns the gradients of those rows to their owners, summed there.
+The rest are autograd functions whose backward is the matching reduction, so a rank's loss sends the
+gradient of every row it borrowed back to the row's owner:
+
 - `gather_rows`: a whole row-partitioned table on every rank (all_gather); backward reduce-scatters.
 - `sum_over_ranks`: an all-reduce sum; backward all-reduces the gradient.
 
@@ -77,49 +79,64 @@ def _all_to_all(rows: torch.Tensor, out_counts: list[int], in_counts: list[int])
     return out
 
 
-class _FetchRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, routes: RowRoutes) -> torch.Tensor:  # noqa: ANN001
-        ctx.routes = routes
-        return _all_to_all(x[routes.send_index], routes.recv_counts, routes.send_counts)
+class PendingRows:
+    """An exchange in flight (`start_exchange`): `wait()` returns the received rows. The send buffer is
+    held until then; the wait is counted as exchange time (what the computation did not hide)."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
-        r: RowRoutes = ctx.routes
-        back = return_rows(grad, r)
-        out = grad.new_zeros((r.n_local,) + tuple(grad.shape[1:]))
-        out.index_add_(0, r.send_index, back)
-        return out, None
+    def __init__(self, out: torch.Tensor, work, send: torch.Tensor) -> None:  # noqa: ANN001
+        self.out, self.work, self.send = out, work, send
 
-
-def return_rows(grad: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
-    """The reverse of a fetch, without autograd: each fetched row's `grad` goes back to its owner;
-    returns, on the owner, the gradients of the rows it sent (`routes.send_index` order, not summed)."""
-    return _all_to_all(grad, routes.send_counts, routes.recv_counts)
+    def wait(self) -> torch.Tensor:
+        with COLLECTIVES.timing():
+            self.work.wait()
+        self.send = None
+        return self.out
 
 
-def fetch_rows(x: torch.Tensor, routes: RowRoutes) -> torch.Tensor:
-    """Rows this rank needs from its peers (in peer order, each peer's rows as routed)."""
-    return _FetchRows.apply(x, routes)
+def start_exchange(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> PendingRows:
+    """`_all_to_all` without waiting for it: the caller computes while the rows travel."""
+    rows = rows.contiguous()
+    out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
+    work = dist.all_to_all_single(out, rows, output_split_sizes=out_counts, input_split_sizes=in_counts,
+                                  group=group_for(rows), async_op=True)
+    return PendingRows(out, work, rows)
+
+
+def max_over_ranks(value: int, world_size: int) -> int:
+    """The largest `value` over ranks (setup-time: every rank must call it)."""
+    if world_size == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group_for(t))
+    return int(t.item())
 
 
 class _GatherRows(torch.autograd.Function):
+    """all_gather of blocks padded to the largest; with equal blocks (the usual case: balanced item
+    counts) neither the padding nor the unpadding copy is made."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:  # noqa: ANN001
         ctx.counts, ctx.rank = counts, rank
         width = max(counts)
-        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
-        padded[: x.shape[0]] = x
+        if x.shape[0] == width:
+            padded = x.contiguous()
+        else:
+            padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+            padded[: x.shape[0]] = x
         out = x.new_empty((width * len(counts),) + tuple(x.shape[1:]))
         with COLLECTIVES.timing():
             dist.all_gather_single(out, padded, group=group_for(padded))
+        if all(c == width for c in counts):
+            return out
         return torch.cat([out[s * width: s * width + n] for s, n in enumerate(counts)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
         counts, width = ctx.counts, max(ctx.counts)
         blocks = list(torch.split(grad.contiguous(), counts))
-        padded = [torch.nn.functional.pad(b, (0, 0) * (grad.dim() - 1) + (0, width - b.shape[0])) for b in blocks]
+        padded = [b if b.shape[0] == width else
+                  torch.nn.functional.pad(b, (0, 0) * (grad.dim() - 1) + (0, width - b.shape[0])) for b in blocks]
         out = grad.new_empty((width,) + tuple(grad.shape[1:]))
         with COLLECTIVES.timing():
             dist.reduce_scatter(out, padded, op=dist.ReduceOp.SUM, group=group_for(out))

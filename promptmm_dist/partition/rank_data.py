@@ -19,7 +19,7 @@ import torch
 from promptmm_dist.data.dataset import TRAIN, InteractionData
 from promptmm_dist.partition.exchange import exchange_lists
 from promptmm_dist.partition.graph import PartitionedGraph
-from promptmm_dist.partition.operator import PartitionedSpMM
+from promptmm_dist.partition.operator import HALO_CHUNK_ROWS, PartitionedSpMM
 from promptmm_dist.partition.plan import PartitionPlan
 from promptmm_dist.train.world import World
 
@@ -83,12 +83,13 @@ class RankData:
         """Global (users, items) of this rank's samples -> (local user rows, gathered item positions)."""
         return self.plan.local_user(users), self.plan.item_pos[np.asarray(items, dtype=np.int64)]
 
-    def graph(self, norm: str = "sym", mode: str = "needed") -> PartitionedGraph:
-        """This rank's rows of the normalised adjacency and of the user <- item mean (collective)."""
-        return PartitionedGraph(self._node_operator(norm, mode), self._mean_operator(mode), self.plan,
-                                self.world.rank, self.world.world_size)
+    def graph(self, norm: str = "sym", mode: str = "needed", chunk_rows: int = HALO_CHUNK_ROWS) -> PartitionedGraph:
+        """This rank's rows of the normalised adjacency and of the user <- item mean (collective);
+        `chunk_rows`: rows per piece of a hop's exchange (`partition.operator.HALO_CHUNK_ROWS`)."""
+        return PartitionedGraph(self._node_operator(norm, mode, chunk_rows), self._mean_operator(mode, chunk_rows),
+                                self.plan, self.world.rank, self.world.world_size)
 
-    def _node_operator(self, norm: str, mode: str) -> PartitionedSpMM:
+    def _node_operator(self, norm: str, mode: str, chunk_rows: int = HALO_CHUNK_ROWS) -> PartitionedSpMM:
         plan, r, w = self.plan, self.world.rank, self.world.world_size
         du = self.user_degree[self.train_users].astype(np.float64)
         di = self.item_degree[self.train_items].astype(np.float64)
@@ -133,15 +134,16 @@ class RankData:
             got_int[s] = got_val[s] = None
             at = end
         n_nodes = u_r + int(plan.item_counts[r])
-        return PartitionedSpMM(rows, owners, cols, vals, n_nodes, [int(c) for c in plan.node_counts()], r, w, mode)
+        return PartitionedSpMM(rows, owners, cols, vals, n_nodes, [int(c) for c in plan.node_counts()], r, w, mode,
+                               chunk_rows)
 
-    def _mean_operator(self, mode: str) -> PartitionedSpMM:
+    def _mean_operator(self, mode: str, chunk_rows: int = HALO_CHUNK_ROWS) -> PartitionedSpMM:
         """D_u^-1 R over the rank's users: each user row averages its training items' rows."""
         plan = self.plan
         val = (1.0 / self.user_degree[self.train_users]).astype(np.float32)
         return PartitionedSpMM(self.train_users, plan.item_owner[self.train_items], plan.local_item(self.train_items),
                                val, self.n_users, [int(c) for c in plan.item_counts], self.world.rank,
-                               self.world.world_size, mode)
+                               self.world.world_size, mode, chunk_rows)
 
 
 def load_rank_data(folder: str | Path, n_users: int, n_items: int, modalities: list[str], num_shards: int,

@@ -18,6 +18,7 @@ from promptmm_dist.models.prompt import cached_hard_tokens
 from promptmm_dist.models.teacher import PromptMMTeacher
 from promptmm_dist.partition.graph import PartitionedGraph
 from promptmm_dist.partition.memory import return_large_blocks_to_the_os
+from promptmm_dist.partition.operator import HALO_CHUNK_ROWS
 from promptmm_dist.partition.rank_data import RankData, load_rank_data
 from promptmm_dist.partition.world import PartitionedWorld
 from promptmm_dist.train.teacher_loop import assemble_teacher, prepare_features
@@ -50,9 +51,11 @@ def dataset_spec(data: InteractionData | DatasetInfo, data_path: str, out: Path)
 
 
 def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: str, exchange: str = "needed",
-               device: torch.device | None = None) -> tuple[RankData, PartitionedWorld, PartitionedGraph]:
+               device: torch.device | None = None, chunk_rows: int = HALO_CHUNK_ROWS,
+               ) -> tuple[RankData, PartitionedWorld, PartitionedGraph]:
     """This rank's data, world and graph (collective: every rank of the group calls it). `device`: where
-    the rank's tables and row exchanges live (default CPU); setup itself runs on the CPU."""
+    the rank's tables and row exchanges live (default CPU); setup itself runs on the CPU. `chunk_rows`:
+    rows per piece of a hop's halo exchange."""
     return_large_blocks_to_the_os()  # a rank's freed arrays leave the process (partition.memory)
     control_group()  # the CPU group beside NCCL, created by every rank at the same point
     base = World(rank, world_size)
@@ -61,7 +64,7 @@ def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: st
                         shard_files=spec.get("shard_files") if len(spec.get("shard_files") or ()) == num_shards else None)
     world = PartitionedWorld(rank, world_size, rd.plan, device)
     rd.world = world
-    return rd, world, rd.graph(norm, exchange)
+    return rd, world, rd.graph(norm, exchange, chunk_rows)
 
 
 def feature_stats(rd: RankData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
