@@ -141,24 +141,21 @@ def frozen_list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: to
 def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
                  chunk: int = 8192) -> SoftRanking:
     """Teacher logits for every list entry, per modality and fused (teacher in eval mode). `chunk` rows
-    at a time: the gathered item rows of a chunk (chunk x (1+N) x d floats) are its working memory."""
-    modal = {m: [] for m in out.modal_user}
-    fused = []
-    for s in range(0, len(users), chunk):
+    at a time: the gathered item rows of a chunk (chunk x (1+N) x d floats) are its working memory, and
+    each chunk's logits go straight into the float16 result (no float32 copy of the whole ranking)."""
+    n, width = len(users), (items.shape[1] if np.ndim(items) == 2 else 0)
+    fused = np.empty((n, width), np.float16)
+    modal = {m: np.empty((n, width), np.float16) for m in out.modal_user}
+    margins = np.empty(n, np.float32)
+    for s in range(0, n, chunk):
         u = id_tensor(users[s:s + chunk], out.user.device)
         it = id_tensor(items[s:s + chunk], out.user.device)
-        fused.append(frozen_list_logits(out.user, out.item, u, it))
+        f = frozen_list_logits(out.user, out.item, u, it)
+        margins[s:s + chunk] = (f[:, 0] - f[:, 1]).cpu().numpy()
+        fused[s:s + chunk] = f.cpu().numpy()
         for m in modal:
-            modal[m].append(frozen_list_logits(out.modal_user[m], out.modal_item[m], u, it))
-    fused_t = torch.cat(fused) if fused else torch.zeros((0, items.shape[1]))
-    margins = (fused_t[:, 0] - fused_t[:, 1]).cpu().numpy().astype(np.float32)
-    return SoftRanking(
-        users=users, items=items,
-        modal_logits={m: (torch.cat(v) if v else torch.zeros((0, items.shape[1]))).cpu().numpy().astype(np.float16)
-                      for m, v in modal.items()},
-        fused_logits=fused_t.cpu().numpy().astype(np.float16),
-        margins=margins,
-    )
+            modal[m][s:s + chunk] = frozen_list_logits(out.modal_user[m], out.modal_item[m], u, it).cpu().numpy()
+    return SoftRanking(users=users, items=items, modal_logits=modal, fused_logits=fused, margins=margins)
 
 
 def gather_item_side(out: TeacherOutput, base_items: torch.Tensor, graph) -> tuple[TeacherOutput, torch.Tensor]:
