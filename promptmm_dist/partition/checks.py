@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from promptmm_dist.partition.operator import HALO_CHUNK_ROWS
 from promptmm_dist.partition.setup import setup_rank
 from promptmm_dist.partition.world import row_seeded_normal
 
@@ -18,7 +19,7 @@ def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, no
     weights drawn per global id (so every W sees the same numbers). `chunk_rows`: halo pieces this
     small, so every hop runs pipelined in pieces."""
     rd, world, graph = setup_rank(spec, num_shards, rank, world_size, norm, exchange,
-                                  **({"chunk_rows": chunk_rows} if chunk_rows else {}))
+                                  chunk_rows=chunk_rows or HALO_CHUNK_ROWS)
     x_user = row_seeded_normal(rd.users, dim, 1, "x_user").requires_grad_()
     x_item = row_seeded_normal(rd.items, dim, 1, "x_item").requires_grad_()
     w_user = row_seeded_normal(rd.users, dim, 2, "w_user")

@@ -62,22 +62,6 @@ class RowRoutes:
     def to(self, device: torch.device) -> "RowRoutes":
         return RowRoutes(self.n_local, self.send_index.to(device), self.send_counts, self.recv_counts)
 
-    @property
-    def rows_received(self) -> int:
-        return sum(self.recv_counts)
-
-    @property
-    def rows_sent(self) -> int:
-        return sum(self.send_counts)
-
-
-def _all_to_all(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> torch.Tensor:
-    out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
-    with COLLECTIVES.timing():
-        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=out_counts, input_split_sizes=in_counts,
-                               group=group_for(rows))
-    return out
-
 
 class PendingRows:
     """An exchange in flight (`start_exchange`): `wait()` returns the received rows. The send buffer is
@@ -94,7 +78,8 @@ class PendingRows:
 
 
 def start_exchange(rows: torch.Tensor, out_counts: list[int], in_counts: list[int]) -> PendingRows:
-    """`_all_to_all` without waiting for it: the caller computes while the rows travel."""
+    """Send rows[sum(in_counts[:s]):...] to each peer s and receive out_counts[s] rows from it
+    (all_to_all_single), without waiting: the caller computes while the rows travel."""
     rows = rows.contiguous()
     out = rows.new_empty((sum(out_counts),) + tuple(rows.shape[1:]))
     work = dist.all_to_all_single(out, rows, output_split_sizes=out_counts, input_split_sizes=in_counts,
@@ -181,5 +166,5 @@ def exchange_lists(lists: list[torch.Tensor], world_size: int) -> list[torch.Ten
     dist.all_to_all_single(recv, counts, group=group_for(counts))
     recv_counts = [int(c) for c in recv.tolist()]
     payload = torch.cat(lists) if lists else torch.zeros(0)
-    out = _all_to_all(payload, recv_counts, send_counts)
+    out = start_exchange(payload, recv_counts, send_counts).wait()
     return list(torch.split(out, recv_counts))

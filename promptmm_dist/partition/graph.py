@@ -45,4 +45,4 @@ class PartitionedGraph(GraphPropagator):
         """Floats received per hop (per rank) and hops run, for the scale benchmark."""
         calls = max(self.nodes.calls, 1)
         return {"hops": self.nodes.calls, "values_received_per_hop": self.nodes.values_received / calls,
-                "rows_received_per_hop": self.nodes.routes.rows_received, "mode": self.nodes.mode}
+                "rows_received_per_hop": self.nodes.rows_received, "mode": self.nodes.mode}

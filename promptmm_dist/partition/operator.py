@@ -152,11 +152,10 @@ class PartitionedSpMM:
                 need.append(np.unique(col_row[col_owner == s]).astype(np.int64))
         asked = exchange_lists([torch.from_numpy(n) for n in need], world_size)  # my rows each peer needs
         recv_counts = [len(n) for n in need]
-        self.routes = RowRoutes(n_in, torch.cat(asked).long() if asked else torch.zeros(0, dtype=torch.long),
-                                [int(a.shape[0]) for a in asked], recv_counts)
+        self.rows_received = sum(recv_counts)  # halo rows per hop (bench statistics)
         # the halo in pieces (the same number on every rank: each piece is one collective); halo columns
         # are numbered piece-major, so piece k's rows are one column block of A_halo
-        largest = max_over_ranks(max(self.routes.rows_received, self.routes.rows_sent), world_size)
+        largest = max_over_ranks(max(self.rows_received, sum(int(a.shape[0]) for a in asked)), world_size)
         self.n_pieces = max(1, -(-largest // max(1, int(chunk_rows))))
         recv_at = [_split_points(len(n), self.n_pieces) for n in need]
         send_at = [_split_points(int(a.shape[0]), self.n_pieces) for a in asked]
