@@ -63,7 +63,7 @@ class DistributedRun:
             # one streaming pass (a task, not the driver) writes each shard's rows to its own file; the
             # shard actors and the ranks then read their own files only
             files = bounded_get(ray.remote(num_cpus=ray_setup.SHARD_CPUS)(split_by_shard).remote(
-                str(parquet), n, str(out / "shards" / f"{n}"), data.manifest_sha256),
+                str(parquet.resolve()), n, str((out / "shards" / f"{n}").resolve()), data.manifest_sha256),
                 "the interactions split by shard", cfg.dist.actor_timeout_s)
             self.dataset["shard_files"] = files
             shard_cls = ray.remote(num_cpus=ray_setup.SHARD_CPUS, **ray_setup.actor_options(cfg.dist))(ShardState)

@@ -72,6 +72,22 @@ def test_split_files_hold_exactly_each_shards_rows(tiny, tmp_path):
     assert Path(files[0]).stat().st_mtime_ns == stamp
 
 
+def test_split_files_are_found_from_another_working_directory(tiny, tmp_path, monkeypatch):
+    """A relative run folder (`promptmm run --out runs/demo`) still gives the ranks paths they can open:
+    Ray Train workers run in their own working directory."""
+    from promptmm_dist.data.shards import read_shard, split_by_shard
+
+    data, parquet, *_ = tiny
+    monkeypatch.chdir(tmp_path)
+    files = split_by_shard(str(parquet), 2, "runs/demo/shards/2", data.manifest_sha256)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for k, f in enumerate(files):
+        assert Path(f).is_absolute()
+        np.testing.assert_array_equal(read_shard(Path(f), k, 2)[0], read_shard(parquet, k, 2)[0])
+
+
 def test_shard_negatives_are_never_training_items(tiny):
     data, parquet, *_ = tiny
     dense = data.train_csr.toarray().astype(bool)

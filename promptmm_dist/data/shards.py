@@ -29,7 +29,8 @@ def split_by_shard(parquet: str, num_shards: int, folder: str, tag: str = "") ->
     """Write each shard's rows (user % N == k) to its own Parquet file in `folder`, in one streaming pass
     over the canonical file, so each shard actor and rank then reads its own rows only. `tag` (the
     dataset's manifest hash) names what was split: a folder holding the same tag's files is reused. The
-    files appear together or not at all (written into a temporary folder, then renamed)."""
+    files appear together or not at all (written into a temporary folder, then renamed). The paths
+    returned are absolute: Train ranks and actors read them from other working directories."""
     import json
     import os
     import shutil
@@ -37,7 +38,7 @@ def split_by_shard(parquet: str, num_shards: int, folder: str, tag: str = "") ->
 
     import pyarrow as pa
 
-    out = Path(folder)
+    out = Path(folder).resolve()
     names = [f"shard-{k}-of-{num_shards}.parquet" for k in range(num_shards)]
     marker = out / "split.json"
     want = {"source": str(Path(parquet).resolve()), "num_shards": num_shards, "tag": tag,
