@@ -5,7 +5,7 @@ whether the selected epoch, validation/test recall@20 and the exported student m
 
 Faults (SIGKILL, by `promptmm_dist.faults`, pids taken from the run's own process tree):
   train_worker    student Train worker rank 1 once it started student epoch 2
-  teacher_model   the TeacherModel during its second prompt round (after student epoch 3)
+  teacher_model   a teacher rank (TeacherRank) during its second prompt round (after student epoch 3)
   shard           a shard actor (lowest pid) once the student stage started
   driver          the driver once a student rank started epoch 3; then the same command again
 
@@ -108,8 +108,8 @@ def launch(cmd: list[str], log: Path, fault: str | None, out: Path) -> dict:
         if fault == "train_worker":
             inj = faults.FaultInjector(faults.epoch_reached(out, "student", 2, rank=1), "train_worker",
                                        timeout=1200, out=out, stage="student", rank=1)
-        elif fault == "teacher_model":  # the TeacherModel during its second prompt round
-            inj = Killer(nth_time(lambda: first_pid(root, "ray::TeacherModel.prompt_round"), 2))
+        elif fault == "teacher_model":  # a teacher rank during its second prompt round
+            inj = Killer(nth_time(lambda: first_pid(root, "ray::TeacherRank.prompt_round"), 2))
         elif fault == "shard":  # a shard, once the student stage started (its TeacherWorker exists)
             inj = Killer(lambda: first_pid(root, "ray::ShardState") if first_pid(root, "ray::TeacherWorker") else None,
                          delay=1.0)

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from promptmm_dist.config import Config
     from promptmm_dist.data.shards import ShardState
-    from promptmm_dist.distill.teacher_model import TeacherModel
+    from promptmm_dist.distill.teacher_group import TeacherGroup
     from promptmm_dist.distill.teacher_workers import TeacherWorker
 
     sizes = f"u{args.users}-i{args.items}-n{args.interactions}-{args.modalities.replace(':', '').replace(',', '-')}-s{args.seed}"
@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     shard_cls = ray.remote(num_cpus=0)(ShardState)
     shards = [shard_cls.remote(str(folder / "interactions.parquet"), k, n, spec["n_users"], spec["n_items"])
               for k in range(n)]
-    model = ray.remote(num_cpus=0)(TeacherModel).remote(spec, cfg.to_dict(), ckpt, threads=1)
-    ray.get([s.info.remote() for s in shards] + [model.pid.remote()])
+    # one teacher rank (the ranking workers are what this measures), on one thread (0 CPUs reserved)
+    model = TeacherGroup(spec, cfg.to_dict(), ckpt, n, 1, num_cpus=0, timeout_s=3600.0, max_restarts=0)
+    ray.get([s.info.remote() for s in shards])
+    model.ready()
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    blocks = model.version_tables.options(num_returns=n + 1).remote(0, None, n)
-    ray.wait(blocks, num_returns=n + 1)
+    blocks, status = model.version_tables(0, None, n)
+    model.gather(status, "cache version 0's blocks")
     tables_s = time.perf_counter() - t0
     print(f"setup {setup_s:.1f}s, cache version 0's blocks {tables_s:.1f}s", flush=True)
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             del refs
         print(f"round {r}: " + ", ".join(f"W={w} {times[w][-1]:.2f}s" for w in times if times[w] and r > 0), flush=True)
         del samples
-    rss = {"teacher_model": peak_rss_mib(ray.get(model.pid.remote())),
+    rss = {"teacher_model": peak_rss_mib(model.pids()[0]),
            "teacher_workers": [peak_rss_mib(ray.get(a.pid.remote())) for w in (1, 2) for a in pools[w]],
            "shards": [peak_rss_mib(ray.get(s.pid.remote())) for s in shards]}
     med = {w: statistics.median(v) for w, v in times.items()}
@@ -122,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, ["teacher_workers", "rank_s_median", "rank_s_min", "rounds"])
     table += (f"\n\n{spec['n_users']:,} users, {spec['n_items']:,} items, {pairs:,} training pairs in {n} shards, "
               f"{n_neg} negatives: 2 TeacherWorkers take **{ratio:.2f}x** the time of 1 (1 thread each). "
-              f"Cache version 0's blocks (one TeacherModel forward): {tables_s:.1f}s, once per version. "
+              f"Cache version 0's blocks (one teacher forward): {tables_s:.1f}s, once per version. "
               f"Shard sampling per epoch: {statistics.median(sample_s):.2f}s. "
               f"Cached bytes per training pair: {nbytes / max(pairs, 1):.1f}. "
-              f"Peak RSS MiB: TeacherModel {rss['teacher_model']}, TeacherWorkers {rss['teacher_workers']}, "
+              f"Peak RSS MiB: teacher rank {rss['teacher_model']}, TeacherWorkers {rss['teacher_workers']}, "
               f"shards {rss['shards']}.")
     emit(args.save, {"sizes": sizes, "shards": n, "n_neg": n_neg, "pairs": pairs, "bytes_per_pair": nbytes / max(pairs, 1),
                      "rank_s": times, "rank_s_median": med, "w2_over_w1": ratio, "tables_s": tables_s,

@@ -20,7 +20,7 @@ from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import DatasetInfo, InteractionData
 from promptmm_dist.data.shards import ShardState, split_by_shard
 from promptmm_dist.distill.cache import CacheDirectory, SoftRankingCache
-from promptmm_dist.distill.teacher_model import TeacherModel
+from promptmm_dist.distill.teacher_group import TeacherGroup
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.partition.setup import dataset_spec
 from promptmm_dist.paths import hard_token_dir
@@ -169,10 +169,13 @@ class DistributedRun:
         first_epoch, prompt, resume_path = self._cache_start(stage)
         timeout = cfg.dist.actor_timeout_s
         opts = ray_setup.actor_options(cfg.dist)
-        # the one teacher of the stage reads the canonical files itself (the driver ships no rows);
-        # the workers hold nothing but the blocks of the call they serve
-        model = ray.remote(num_cpus=ray_setup.TEACHER_MODEL_CPUS, **opts)(TeacherModel).remote(
-            self.dataset, cfg.to_dict(), ckpt)
+        n_ranks = max(cfg.dist.num_workers, 1)
+        # the frozen teacher, partitioned like the students (rank r of each holds the same rows); its
+        # ranks read the canonical files themselves (the driver ships no rows); the workers hold
+        # nothing but the blocks of the call they serve
+        model = TeacherGroup(self.dataset, cfg.to_dict(), ckpt, len(self.shards), n_ranks,
+                             num_cpus=ray_setup.TEACHER_MODEL_CPUS / n_ranks, timeout_s=timeout,
+                             max_restarts=int(cfg.dist.max_failures), near_nodes=self.placement["shards"], log=log)
         worker_cls = ray.remote(num_cpus=ray_setup.TEACHER_WORKER_CPUS, **opts)(TeacherWorker)
         workers = [worker_cls.options(**ray_setup.near(self.placement["shards"], j)).remote()
                    for j in range(cfg.dist.num_teacher_workers)]
@@ -180,9 +183,7 @@ class DistributedRun:
         try:
             self.placement["teacher_workers"] = bounded_get([w.node_id.remote() for w in workers],
                                                             "the TeacherWorkers (node ids)", timeout)
-            self.placement["teacher_model"] = bounded_get([model.node_id.remote()], "the TeacherModel (node id)",
-                                                          timeout)
-            n_ranks = max(cfg.dist.num_workers, 1)
+            self.placement["teacher_model"] = model.node_ids()
             cache = SoftRankingCache(self.shards, model, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
                                      cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
                                      timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
@@ -233,7 +234,8 @@ class DistributedRun:
             self.timings["student_s"] = time.perf_counter() - t0
             return meta
         finally:  # also when the stage fails: a caller holding the traceback must not keep them alive
-            for actor in (model, *workers, directory):
+            model.close()
+            for actor in (*workers, directory):
                 ray.kill(actor)
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """Fault injection for tests and benchmarks: SIGKILL one process of a run, by role, when a condition
 holds (a stage reached epoch K, a log line appeared).
 
-Roles: "train_worker" (a Ray Train worker of a stage, by world rank), "teacher_model" (the TeacherModel
-actor), "teacher_worker" (a TeacherWorker actor), "shard" (an InteractionShard/ShardState actor) and "driver" (a pid you started).
+Roles: "train_worker" (a Ray Train worker of a stage, by world rank), "teacher_model" (a TeacherRank
+actor of the frozen teacher group), "teacher_worker" (a TeacherWorker actor), "shard" (an InteractionShard/ShardState actor) and "driver" (a pid you started).
 
 Pids come from the run itself, never from a broad process-name match across the machine:
 - Train workers write `<out>/progress/<stage>/rank<r>.json` ({"pid", "epoch"}) at the start of every
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ACTOR_CLASSES = {"teacher_model": ("TeacherModel",), "teacher_worker": ("TeacherWorker",),
+ACTOR_CLASSES = {"teacher_model": ("TeacherRank",), "teacher_worker": ("TeacherWorker",),
                  "shard": ("InteractionShard", "ShardState")}
 ROLES = ("train_worker", "teacher_model", "teacher_worker", "shard", "driver")
 

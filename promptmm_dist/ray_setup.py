@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from promptmm_dist.train.state import LoopState
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
-# the stage's one teacher (a forward per cache version, prompt rounds) and its light ranking workers
+# the stage's frozen teacher (all its ranks together: a forward per cache version, prompt rounds) and
+# its light ranking workers
 TEACHER_MODEL_CPUS = 0.15
 TEACHER_WORKER_CPUS = 0.1
 STAGING_PREFIX = "promptmm-ckpt-"  # make_reporter's per-report checkpoint folders (system temp dir)

@@ -15,7 +15,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.prepare import ensure_canonical
 from promptmm_dist.data.shards import ShardState
 from promptmm_dist.data.subset import subset_first_users
-from promptmm_dist.distill.teacher_model import TeacherModel
+from promptmm_dist.distill.teacher_group import TeacherGroup
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.distributed import run_distributed
 from promptmm_dist.pipeline import teacher_stage
@@ -33,6 +33,27 @@ def tiny(tmp_path_factory):
     cfg.teacher.epochs = 1
     teacher, _ = teacher_stage(data, cfg, root)
     return data, Path(folder) / "interactions.parquet", cfg, root / "teacher" / "teacher.pt", teacher
+
+
+def _group(tiny, world_size: int, num_shards: int = 2) -> TeacherGroup:
+    """The frozen teacher of `tiny` over `world_size` real TeacherRank actors (a gloo group)."""
+    from promptmm_dist.partition.setup import dataset_spec
+
+    data, parquet, cfg, ckpt, _ = tiny
+    spec = dataset_spec(data, str(parquet.parent), parquet.parent)
+    return TeacherGroup(spec, cfg.to_dict(), str(ckpt), num_shards, world_size, num_cpus=0, timeout_s=120.0,
+                        max_restarts=0)
+
+
+def _student_parts(data, world_size: int, num_shards: int, dim: int = 16) -> list[tuple]:
+    """Random student tables cut the way student rank r holds them (its users' and items' rows)."""
+    from promptmm_dist.partition.plan import PartitionPlan
+
+    user = np.random.default_rng(0).normal(size=(data.n_users, dim)).astype(np.float32)
+    item = np.random.default_rng(1).normal(size=(data.n_items, dim)).astype(np.float32)
+    degree = np.asarray(data.train_csr.sum(axis=0)).ravel().astype(np.int64)
+    plan = PartitionPlan.build(world_size, num_shards, data.n_users, degree)
+    return [(user[plan.users_of(r)], item[plan.items_of(r)], None) for r in range(world_size)]
 
 
 def test_shards_are_disjoint_and_cover_all_users(tiny):
@@ -97,41 +118,80 @@ def test_shard_negatives_are_never_training_items(tiny):
         assert not dense[batch.users[:, None], batch.items[:, 1:]].any()
 
 
-def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session):
-    """A TeacherWorker ranks a shard's samples from the TeacherModel's blocks (the shard's user rows and
-    the item table) exactly as a direct forward of the teacher would."""
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session, world_size):
+    """A TeacherWorker ranks a shard's samples from the blocks of the partitioned teacher (W real
+    TeacherRank actors; each shard's user rows from the rank that owns them, the item table gathered)
+    as a direct forward of the whole teacher in one process would."""
     import ray
 
     data, parquet, cfg, ckpt, teacher = tiny
-    model = ray.remote(num_cpus=0)(TeacherModel).remote(ray.put(data), cfg.to_dict(), str(ckpt))
-    worker = ray.remote(num_cpus=0)(TeacherWorker).remote()
     n = 2
-    blocks = model.version_tables.options(num_returns=n + 1).remote(0, None, n)
-    samples = ShardState(str(parquet), 1, n, data.n_users, data.n_items).epoch_samples(5, seed=1)
-    cached = ray.get(worker.soft_ranking.remote(blocks[1], blocks[n], samples, 1, n))
-    with pytest.raises(ray.exceptions.RayTaskError, match="other shards"):  # shard 0's block, shard 1's users
-        ray.get(worker.soft_ranking.remote(blocks[0], blocks[n], samples, 0, n))
-    teacher.eval()
-    with torch.no_grad():
-        direct = soft_ranking(teacher(GraphPropagator.from_train(data.train_csr)), samples.users, samples.items)
-    for m in direct.modal_logits:
-        np.testing.assert_array_equal(cached.modal_logits[m], direct.modal_logits[m])
-    np.testing.assert_allclose(cached.margins, direct.margins, rtol=1e-6, atol=1e-6)
-    assert cached.fused_logits.dtype == np.float16
+    group = _group(tiny, world_size, n)
+    worker = ray.remote(num_cpus=0)(TeacherWorker).remote()
+    try:
+        blocks, status = group.version_tables(0, None, n)
+        held = group.gather(status, "status")
+        assert [s["rank"] for s in held] == list(range(world_size))
+        # each rank holds its partition only (W = 2: a part of the users and of the items), together all
+        assert sum(s["users"] for s in held) == data.n_users and sum(s["items"] for s in held) == data.n_items
+        assert all(s["users"] < data.n_users and s["items"] < data.n_items for s in held) or world_size == 1
+        samples = ShardState(str(parquet), 1, n, data.n_users, data.n_items).epoch_samples(5, seed=1)
+        cached = ray.get(worker.soft_ranking.remote(blocks[1], blocks[n], samples, 1, n))
+        with pytest.raises(ray.exceptions.RayTaskError, match="other shards"):  # shard 0's block, shard 1's users
+            ray.get(worker.soft_ranking.remote(blocks[0], blocks[n], samples, 0, n))
+        teacher.eval()
+        with torch.no_grad():
+            direct = soft_ranking(teacher(GraphPropagator.from_train(data.train_csr)), samples.users, samples.items)
+        for m in direct.modal_logits:  # float16 logits of float32 sums in another order
+            np.testing.assert_allclose(cached.modal_logits[m].astype(np.float32),
+                                       direct.modal_logits[m].astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(cached.margins, direct.margins, rtol=1e-4, atol=1e-5)
+        assert cached.fused_logits.dtype == np.float16
+        assert group.gather([r.forward_count.remote() for r in group.ranks], "forwards") == [1] * world_size
 
-    # a prompt round publishes a new cache version whose logits differ
-    student = (np.random.default_rng(0).normal(size=(data.n_users, 16)).astype(np.float32),
-               np.random.default_rng(1).normal(size=(data.n_items, 16)).astype(np.float32), None)
-    res = ray.get(model.prompt_round.remote(student, 0))
-    assert res["version"] == 1
-    with pytest.raises(ray.exceptions.RayTaskError):
-        ray.get(model.version_tables.options(num_returns=n + 1).remote(0, None, n)[0])  # no longer served
-    fresh_blocks = model.version_tables.options(num_returns=n + 1).remote(1, None, n)
-    fresh = ray.get(worker.soft_ranking.remote(fresh_blocks[1], fresh_blocks[n], samples, 1, n))
-    m = next(iter(direct.modal_logits))
-    assert not np.array_equal(fresh.modal_logits[m], cached.modal_logits[m])
-    ray.kill(worker)
-    ray.kill(model)
+        # a prompt round (each rank stepping on its share, fed its partition's student rows) makes a new
+        # cache version whose logits differ, and leaves every rank with the same prompt
+        results = group.gather(group.prompt_round([ray.put(p) for p in _student_parts(data, world_size, n)], 0,
+                                                  None), "round")
+        assert [r["version"] for r in results] == [1] * world_size
+        for other in results[1:]:
+            for k, v in results[0]["state"].items():
+                torch.testing.assert_close(other["state"][k], v, rtol=0, atol=0)
+        assert results[0]["round_loss"] == pytest.approx(results[-1]["round_loss"])  # the global batch's
+        with pytest.raises(ray.exceptions.RayTaskError, match="prompt version 1, asked for 0"):
+            group.gather(group.version_tables(0, None, n)[1], "status")  # no longer served
+        fresh_blocks, _ = group.version_tables(1, None, n)
+        fresh = ray.get(worker.soft_ranking.remote(fresh_blocks[1], fresh_blocks[n], samples, 1, n))
+        m = next(iter(direct.modal_logits))
+        assert not np.array_equal(fresh.modal_logits[m], cached.modal_logits[m])
+    finally:
+        ray.kill(worker)
+        group.close()
+
+
+def test_two_teacher_ranks_make_the_same_prompt_round_as_one(tiny, ray_session):
+    """The round's batch is drawn shard by shard, so 2 teacher ranks (each fed its partition's student
+    rows) step the prompt exactly as 1 rank does (prompt dropout off: its masks are drawn per process)."""
+    import copy
+
+    import ray
+
+    data, parquet, cfg, ckpt, _ = tiny
+    cfg = copy.deepcopy(cfg)
+    cfg.prompt.prompt_dropout = 0.0
+    cfg.prompt.round_steps = 3
+    results = {}
+    for w in (1, 2):
+        group = _group((data, parquet, cfg, ckpt, None), w)
+        try:
+            parts = [ray.put(p) for p in _student_parts(data, w, 2)]
+            results[w] = group.gather(group.prompt_round(parts, 5, None), "round")[0]
+        finally:
+            group.close()
+    assert results[2]["round_loss"] == pytest.approx(results[1]["round_loss"], rel=1e-5)
+    for k, v in results[1]["state"].items():
+        torch.testing.assert_close(results[2]["state"][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
@@ -148,7 +208,7 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     data, parquet, cfg, ckpt, _ = tiny
     n_neg = 4
     shards = make_shard_actors(parquet, 2, data.n_users, data.n_items, cpus=0)
-    model = ray.remote(num_cpus=0)(TeacherModel).remote(ray.put(data), cfg.to_dict(), str(ckpt))
+    model = _group(tiny, 2)
     workers = [ray.remote(num_cpus=0)(TeacherWorker).remote() for _ in range(2)]
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     cache = SoftRankingCache(shards, model, workers, directory, 2, 2, cfg.seed, n_neg, 0, log=lambda m: None,
@@ -160,12 +220,14 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
         for e in range(2):  # reading epoch 1 means epoch 0 was counted
             rankings.append(kd.epoch(e)[0])
             other.epoch(e)
-        assert ray.get(model.forward_count.remote()) == 1  # one forward for the version, not one per worker
+        # one (partitioned) forward for the version, not one per worker
+        assert model.gather([r.forward_count.remote() for r in model.ranks], "forwards") == [1, 1]
         served = ray.get(cache.refs[1][1])  # shard 1's ranking, made by worker 1 from shard 1's block
         np.testing.assert_array_equal(served.users % 2, 1)
     finally:
         cache.stop()
-        for a in [model, *workers, directory, *shards]:
+        model.close()
+        for a in [*workers, directory, *shards]:
             ray.kill(a)
     assert cache.error is None
     ranking = rankings[0]
@@ -188,7 +250,7 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
 @pytest.mark.timeout(600)
 def test_distributed_run_with_prompt_rounds(tiktok_path, tmp_path, ray_session):
     """A whole Ray run whose driver knows the data by its manifest only (no rows: the ranks, shards and
-    the TeacherModel read the canonical files): prompt rounds make new cache versions, and the metrics
+    the teacher ranks read the canonical files): prompt rounds make new cache versions, and the metrics
     the ranks report equal a direct evaluation of the exported student."""
     from promptmm_dist.data.formats import canonical_info
     from promptmm_dist.eval.evaluate import embedding_scorer, evaluate_splits
@@ -248,7 +310,7 @@ def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp
     placement = metrics["placement"]
     assert placement["teacher"] == [here, here] and placement["student"] == [here, here], placement
     assert placement["shards"] == [here] * 2 and placement["teacher_workers"] == [here] * cfg.dist.num_teacher_workers
-    assert placement["teacher_model"] == [here]
+    assert placement["teacher_model"] == [here, here]  # the frozen teacher, partitioned like the students
     state = torch.load(tmp_path / "student" / "student.pt", weights_only=True)
     assert state["projector.weight"].shape == (16, 8)
     torch.manual_seed(cfg.seed)  # the projector's initial weights, drawn as the student was built

@@ -1,4 +1,4 @@
-"""The soft-ranking cache recovers: the TeacherModel killed during a prompt round (b) or a shard actor
+"""The soft-ranking cache recovers: a teacher rank killed during a prompt round (b) or a shard actor
 killed mid-run (d) costs a restart, not the run, and gives the uninterrupted run's metrics; a freed
 epoch asked for again is recomputed identically; what cannot recover (a dead producer, an actor
 whose restarts are used up, a timeout) ends the run within seconds with one line naming it."""
@@ -57,7 +57,7 @@ def _student(subset, out: Path, teacher: Path, cfg) -> dict:
 def _in_method(cls: str, method: str, nth: int = 1):
     """The pid of an actor of class `cls` of this session while it runs `method` for the `nth` time
     (its process title names the method it runs)."""
-    role = {"TeacherModel": "teacher_model", "TeacherWorker": "teacher_worker", "ShardState": "shard"}[cls]
+    role = {"TeacherRank": "teacher_model", "TeacherWorker": "teacher_worker", "ShardState": "shard"}[cls]
     seen = {"n": 0, "inside": False}
 
     def find() -> int | None:
@@ -178,7 +178,7 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
 
     from promptmm_dist import ray_setup
     from promptmm_dist.data.shards import make_shard_actors
-    from promptmm_dist.distill.teacher_model import TeacherModel
+    from promptmm_dist.distill.teacher_group import TeacherGroup
     from promptmm_dist.distill.teacher_workers import TeacherWorker
     from promptmm_dist.partition.setup import dataset_spec
 
@@ -188,7 +188,8 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
     parquet = Path(spec["dir"]) / "interactions.parquet"
     shards = make_shard_actors(parquet, 2, subset.n_users, subset.n_items, cpus=0, dist=cfg.dist)
     opts = ray_setup.actor_options(cfg.dist)
-    model = ray.remote(num_cpus=0, **opts)(TeacherModel).remote(spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"))
+    model = TeacherGroup(spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), 2, 1, num_cpus=0, timeout_s=60.0,
+                         max_restarts=0)
     worker = ray.remote(num_cpus=0, **opts)(TeacherWorker).remote()
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     cache = SoftRankingCache(shards, model, [worker], directory, 1, 6, cfg.seed, 4, 2, log=lambda m: None,
@@ -213,20 +214,21 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
         assert cache.stats.recomputed == 2 and cache.stats.versions == 3
     finally:
         cache.stop()
-        for a in [model, worker, directory, *shards]:
+        model.close()
+        for a in [worker, directory, *shards]:
             ray.kill(a)
     assert cache.error is None
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_b_teacher_model_killed_during_prompt_round(subset, reference, tmp_path, ray_session):
+def test_b_teacher_rank_killed_during_prompt_round(subset, reference, tmp_path, ray_session):
     out, ref = reference
-    # the second round: the restarted model must get version 1's prompt and its optimiser state back
-    inj = _kill(_in_method("TeacherModel", "prompt_round", nth=2))
+    # the second round: the restarted group must get version 1's prompt and its optimiser state back
+    inj = _kill(_in_method("TeacherRank", "prompt_round", nth=2))
     got = _student(subset, tmp_path, out, _cfg())
     inj.stop()
-    assert inj.killed is not None, "the TeacherModel was never caught in its second prompt round"
+    assert inj.killed is not None, "no teacher rank was caught in its second prompt round"
     assert len(got["prompt_rounds"]) == 2 and got["cache"]["versions"] == 3
     _same_metrics(got, ref["student"], tmp_path, out)
 
@@ -258,13 +260,13 @@ def test_dead_actor_or_producer_fails_the_run_in_seconds_with_one_line(subset, r
     out, _ = reference
     timeout_s = 120.0
     # an actor whose restarts are used up (none allowed): killed during the prompt round
-    inj = _kill(_in_method("TeacherModel", "prompt_round"))
+    inj = _kill(_in_method("TeacherRank", "prompt_round"))
     with pytest.raises(ActorLost) as err:
         _student(subset, tmp_path / "dead_actor", out, _cfg(max_failures=0, timeout_s=timeout_s))
     lost_s = time.monotonic() - inj.at
     assert inj.killed is not None
     line = str(err.value)
-    assert "\n" not in line and "TeacherModel" in line and "prompt round" in line, line
+    assert "\n" not in line and "TeacherRank" in line and "prompt round" in line, line
     assert lost_s < 30 < timeout_s  # within seconds, not after the configured timeout
     assert line in capfd.readouterr().err
 
@@ -297,15 +299,16 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
     from promptmm_dist import ray_setup
     from promptmm_dist.data.prepare import ensure_canonical
     from promptmm_dist.data.shards import make_shard_actors
+    from promptmm_dist.partition.setup import dataset_spec
     from promptmm_dist.tune.hub import SharedCacheProducer, SharedTeacherCache
 
     out, _ = reference
     cfg = _cfg()
     parquet = Path(ensure_canonical(subset, out / "canon")) / "interactions.parquet"
     shards = make_shard_actors(parquet, 2, subset.n_users, subset.n_items, cpus=0, dist=cfg.dist)
-    data_ref = ray.put(subset)
+    spec = dataset_spec(subset, str(parquet.parent), out / "canon_spec")
     shared = ray.remote(num_cpus=0, max_concurrency=8, **ray_setup.actor_options(cfg.dist))(SharedTeacherCache).remote(
-        data_ref, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 0, "k")
+        spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 0, "k")
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     ray.get(shared.join.remote("t1", directory))
     producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0,

@@ -10,7 +10,7 @@ from promptmm_dist import ray_setup
 from promptmm_dist.config import DistConfig
 from promptmm_dist.ray_setup import auto_cpus_per_worker, torch_threads
 
-# 2 shards + the TeacherModel + 1 TeacherWorker = 0.45
+# 2 shards + the teacher group + 1 TeacherWorker = 0.45
 AUX = 2 * ray_setup.SHARD_CPUS + ray_setup.TEACHER_MODEL_CPUS + ray_setup.TEACHER_WORKER_CPUS
 
 
@@ -125,9 +125,11 @@ def test_actors_use_their_reserved_cpus_as_threads(ray_session):
     assert ray_setup.actor_threads(default=3.0) == 3  # the driver (no reservation): the default
 
 
-def test_teacher_model_threads_follow_its_reservation(tmp_path, ray_session):
-    """A real TeacherModel given 2 CPUs computes on 2 threads; one built outside Ray keeps 1."""
-    from promptmm_dist.distill.teacher_model import TeacherModel
+def test_teacher_rank_threads_follow_its_reservation(tmp_path, ray_session):
+    """A real TeacherRank given 2 CPUs computes on 2 threads; one built outside Ray keeps 1."""
+    from promptmm_dist.data.prepare import ensure_canonical
+    from promptmm_dist.distill.teacher_model import TeacherRank
+    from promptmm_dist.partition.setup import dataset_spec
     from promptmm_dist.pipeline import teacher_stage
     from tests.helpers import tiny_config, tiny_data
 
@@ -138,9 +140,10 @@ def test_teacher_model_threads_follow_its_reservation(tmp_path, ray_session):
     cfg.teacher.epochs = 1
     teacher_stage(data, cfg, tmp_path)
     ckpt = str(tmp_path / "teacher" / "teacher.pt")
-    worker = ray.remote(num_cpus=2)(TeacherModel).remote(ray.put(data), cfg.to_dict(), ckpt)
+    spec = dataset_spec(data, str(ensure_canonical(data, tmp_path / "data")), tmp_path)
+    worker = ray.remote(num_cpus=2)(TeacherRank).remote(spec, cfg.to_dict(), ckpt, 1)
     try:
         assert ray.get(worker.resources.remote(), timeout=120) == {"cpus": 2.0, "threads": 2}
     finally:
         ray.kill(worker)
-    assert TeacherModel(data, cfg.to_dict(), ckpt, threads=1).threads == 1
+    assert TeacherRank(spec, cfg.to_dict(), ckpt, 1, threads=1).threads == 1

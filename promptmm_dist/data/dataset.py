@@ -67,7 +67,7 @@ class InteractionData:
 @dataclass(frozen=True)
 class DatasetInfo:
     """What the driver of a Ray run knows of a prepared dataset: its identity and sizes, no rows
-    (ranks, shard actors and the TeacherModel read the canonical files themselves)."""
+    (ranks, shard actors and the teacher ranks read the canonical files themselves)."""
 
     name: str
     n_users: int

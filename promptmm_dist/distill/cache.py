@@ -1,7 +1,8 @@
 """The teacher soft-ranking cache in the Ray object store.
 
-Driver side, `SoftRankingCache` runs a producer thread. Per cache version it asks the TeacherModel
-once for the teacher's final embeddings as blocks (each shard's user rows, the item table); for each
+Driver side, `SoftRankingCache` runs a producer thread. Per cache version it asks the teacher group
+(`teacher_group.TeacherGroup`: the frozen teacher partitioned over W ranks) once for the teacher's
+final embeddings as blocks (each shard's user rows, the item table); for each
 epoch it asks every shard for its samples and a TeacherWorker for their soft ranking from the shard's
 user block and the item block (workers take shards in turn). The driver *owns* those refs (it created them),
 publishes them in a small `CacheDirectory` actor that student ranks query, stays at most one epoch
@@ -13,8 +14,8 @@ so nothing is lost for good when something dies. The producer keeps every versio
 (`PromptState`, small) and passes it with each call, so a TeacherWorker or shard actor that Ray
 restarts (rebuilt from its files) and a call Ray retries on it give the same result; a rank that
 asks for an epoch already freed (it restarted from a checkpoint) or whose refs were lost gets it
-recomputed; a lost embedding block is rebuilt by Ray from its lineage (the TeacherModel's call is
-retried, `max_task_retries`). What cannot recover (an actor's restarts used up, the producer thread failing, a wait
+recomputed; a teacher rank that dies takes its group down, which starts again (`TeacherGroup.restart`)
+and makes the call again (blocks already made stay: the driver owns them). What cannot recover (an actor's restarts used up, the producer thread failing, a wait
 over `dist.actor_timeout_s`) ends the run within seconds with one line naming it: the directory
 records the failure, every rank's next fetch raises `CacheFailed` (an error, not a clean end: Ray
 Train then tears the whole worker group down, so no rank is left waiting in a collective; its
@@ -152,17 +153,23 @@ class CacheDirectory:
         with self._cond:
             self._epochs.pop(epoch, None)
 
-    def put_student(self, epoch: int, wrapped_ref: list) -> None:
+    def put_student(self, epoch: int, wrapped_ref: list, rank: int = 0) -> None:
+        """Student rank `rank`'s rows at refresh epoch `epoch` (each rank hands in its own)."""
         with self._cond:
-            self._students[epoch] = wrapped_ref
+            self._students.setdefault(epoch, {})[rank] = wrapped_ref
             self._cond.notify_all()
 
-    def wait_student(self, epoch: int, timeout: float) -> dict:
-        """Like `wait_consumed`, for rank 0's embeddings at a refresh epoch: {"student": [ref] or None, ...}."""
+    def wait_student(self, epoch: int, n_ranks: int, timeout: float) -> dict:
+        """Like `wait_consumed`, for the ranks' embeddings at a refresh epoch: {"student": [[ref] per
+        rank] once all `n_ranks` handed theirs in, else None, ...}."""
         with self._cond:
-            self._cond.wait_for(lambda: epoch in self._students or self._news(), timeout)
-            return {"student": self._students.pop(epoch, None), "wanted": sorted(self._wanted),
-                    "failure": self._failure}
+            self._cond.wait_for(lambda: len(self._students.get(epoch, {})) >= n_ranks or self._news(), timeout)
+            got = self._students.get(epoch, {})
+            parts = None
+            if len(got) >= n_ranks:
+                parts = [got[r] for r in sorted(got)]
+                del self._students[epoch]
+            return {"student": parts, "wanted": sorted(self._wanted), "failure": self._failure}
 
     def fail(self, message: str) -> None:
         """Record the first failure; every waiting and later fetch returns it."""
@@ -209,8 +216,8 @@ class CacheStats:
 class SoftRankingCache:
     """Driver-side producer of cache epochs (runs in a background thread while `fit()` blocks).
 
-    `model`: the TeacherModel actor (blocks per version, prompt rounds); `teacher_workers`: the
-    TeacherWorker actors that rank the shards' samples from the blocks.
+    `model`: the `TeacherGroup` (blocks per version, prompt rounds; as many ranks as the students);
+    `teacher_workers`: the TeacherWorker actors that rank the shards' samples from the blocks.
     `first_epoch`/`prompt`: a resumed run starts producing at `first_epoch` with the prompt state of
     its cache version (recorded in the student checkpoint; None = the teacher checkpoint's, version 0).
     `on_round(PromptState)`: called with each new version's prompt (e.g. to save it beside the run).
@@ -233,6 +240,7 @@ class SoftRankingCache:
         self.epoch_version: dict[int, int] = {}
         self.refs: dict[int, list] = {}  # epoch -> the driver-owned refs of that epoch
         self.tables: dict[int, list] = {}  # cache version -> its N + 1 embedding-block refs
+        self._status: dict[int, list] = {}  # cache version -> the teacher ranks' small status refs
         self._tables_lock = threading.Lock()  # the producer thread and the driver (`tables_of`) ask
         self.stats = CacheStats(versions=self.version + 1)
         self.error: BaseException | None = None
@@ -256,6 +264,7 @@ class SoftRankingCache:
             self.error = ActorLost(failure)
         self.refs.clear()
         self.tables.clear()
+        self._status.clear()
 
     # ------------------------------------------------------------------------------ helpers
     def _call(self, refs, what: str):
@@ -272,8 +281,8 @@ class SoftRankingCache:
         return self._prompt_refs[version]
 
     def _tables(self, version: int) -> list:
-        """Cache `version`'s embedding blocks: one TeacherModel forward, N + 1 objects (see
-        `TeacherModel.version_tables`); this version's and the newest other are kept."""
+        """Cache `version`'s embedding blocks: one partitioned teacher forward, N + 1 objects (see
+        `TeacherRank.version_tables`); this version's and the newest other are kept."""
         with self._tables_lock:
             return self._tables_locked(version)
 
@@ -283,12 +292,27 @@ class SoftRankingCache:
 
     def _tables_locked(self, version: int) -> list:
         if version not in self.tables:
-            n = len(self.shards)
-            refs = self.model.version_tables.options(num_returns=n + 1).remote(version, self._prompt_ref(version), n)
-            self.tables[version] = list(refs)
+            blocks, status = self.model.version_tables(version, self._prompt_ref(version), len(self.shards))
+            self.tables[version], self._status[version] = blocks, status
             for old in [x for x in sorted(self.tables) if x != version][:-1]:
                 del self.tables[old]
+                self._status.pop(old, None)
         return self.tables[version]
+
+    def _made_tables(self, version: int) -> list:
+        """Cache `version`'s blocks once the teacher ranks made them; a rank that died on the way
+        starts the group again and the version is asked for again (`ActorLost` once restarts are
+        used up). Only the ranks' small status values are read here, never a block."""
+        while True:
+            tables = self._tables(version)
+            try:
+                self.model.gather(self._status[version], f"cache version {version}'s embeddings (the teacher group)")
+                return tables
+            except ActorLost as err:
+                with self._tables_lock:
+                    self.tables.pop(version, None)
+                    self._status.pop(version, None)
+                self.model.restart(str(err))
 
     def _items_ref(self, version: int | None = None):
         """The item block of a version (the ranks' embedding-KD tables)."""
@@ -301,14 +325,14 @@ class SoftRankingCache:
         return epoch // self.refresh if self.refresh > 0 else 0
 
     def _culprit(self, samples: list, refs: list, epoch: int, version: int) -> str:
-        """Name what broke an epoch: the TeacherModel (its blocks failed), a shard actor (its samples
+        """Name what broke an epoch: the teacher group (its blocks failed), a shard actor (its samples
         failed) or a TeacherWorker."""
         import ray
 
         try:
-            ray.get(self._tables(version), timeout=self.timeout_s)
+            self.model.gather(self._status.get(version, []), "the teacher group")
         except Exception as err:  # noqa: BLE001
-            return f"epoch {epoch}: the TeacherModel failed on cache version {version}'s embeddings ({one_line(err)})"
+            return f"epoch {epoch}: the teacher group failed on cache version {version}'s embeddings ({one_line(err)})"
         for k, r in enumerate(refs):
             try:
                 ray.get(r, timeout=self.timeout_s)
@@ -325,9 +349,8 @@ class SoftRankingCache:
         v = self.version if version is None else version
         t0 = time.perf_counter()
         prompt = self._prompt_ref(v)
-        tables = self._tables(v)
         # a new version's one forward (instant once made), timed apart from the epoch's ranking work
-        bounded_wait(tables, f"cache version {v}'s embeddings (the TeacherModel)", self.timeout_s)
+        tables = self._made_tables(v)
         self.stats.tables_s += time.perf_counter() - t0
         t1 = time.perf_counter()
         n = len(self.shards)
@@ -384,15 +407,24 @@ class SoftRankingCache:
         from ray.exceptions import ObjectLostError
 
         while not self._stop.is_set():
-            got = self._call(self.directory.wait_student.remote(epoch, POLL_S), "the cache directory")
+            got = self._call(self.directory.wait_student.remote(epoch, self.n_ranks, POLL_S), "the cache directory")
             self._news(got, epoch)
             if got["student"] is None:
                 continue
-            try:
-                res = self._call(self.model.prompt_round.remote(
-                    got["student"][0], epoch_seed(self.seed + 1, epoch), self._prompt_ref(self.version)),
-                    f"the prompt round after epoch {epoch} (the TeacherModel)")
-            except ObjectLostError:  # rank 0 (its owner) died after handing them in: it will again
+            students = [part[0] for part in got["student"]]
+            while True:
+                try:
+                    res = self.model.gather(self.model.prompt_round(
+                        students, epoch_seed(self.seed + 1, epoch), self._prompt_ref(self.version)),
+                        f"the prompt round after epoch {epoch} (the teacher group)")[0]
+                    break
+                except ActorLost as err:  # a teacher rank died in the round: a new group runs it again
+                    self.model.restart(str(err))
+                except ObjectLostError:  # a student rank (their owner) died after handing them in: it will again
+                    res = None  # the other teacher ranks may wait in the round's collectives: a new group
+                    self.model.restart(f"the student rows of epoch {epoch} were lost")
+                    break
+            if res is None:
                 self.log(f"soft-ranking cache: student embeddings of epoch {epoch} were lost; waiting for them again")
                 continue
             new = PromptState(res["version"], res["state"], res.get("optimizer"))
@@ -529,12 +561,12 @@ class RayCacheKD:
 
         if self.refresh <= 0 or (epoch + 1) % self.refresh != 0:
             return None
-        if self.rank == 0:
-            proj = None
-            if isinstance(self.projector, torch.nn.Linear):
-                proj = {"weight": self.projector.weight.detach().cpu().numpy().copy()}
-            ref = ray.put((user_emb.detach().cpu().numpy(), item_emb.detach().cpu().numpy(), proj))
-            self._get(self.directory.put_student.remote(epoch, [ref]), "the cache directory", self._timeout())
+        # every rank hands in its own rows, for the teacher rank of the same partition
+        proj = None
+        if isinstance(self.projector, torch.nn.Linear):
+            proj = {"weight": self.projector.weight.detach().cpu().numpy().copy()}
+        ref = ray.put((user_emb.detach().cpu().numpy(), item_emb.detach().cpu().numpy(), proj))
+        self._get(self.directory.put_student.remote(epoch, [ref], self.rank), "the cache directory", self._timeout())
         return {"requested": True}
 
 

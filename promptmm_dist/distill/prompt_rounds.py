@@ -3,9 +3,18 @@
 The prompt steps on the distillation loss between the (differentiable) teacher and the current,
 fixed student, plus the teacher's BPR and prompt-BPR terms so the teacher stays accurate. The
 authors' released code gives the prompt no gradient here; this is the fix.
+
+The same function runs in one process (whole tables, `World()`) and on each rank of a partitioned
+teacher (`distill.teacher_model.TeacherRank`): there the tables are the rank's rows, item tables are
+gathered, the losses are weighted by the rank's share and the (replicated) prompt's gradients are
+summed over ranks, as in a teacher training step. The batch is drawn shard by shard (shard k gives
+its share of the pairs, from its own generator), and a rank holds whole shards, so the global batch is
+the same for any number of ranks: W ranks make the same round as one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,27 +25,61 @@ from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.losses import bpr_loss, embedding_kd, modality_list_kd, pairwise_kd
 from promptmm_dist.models.teacher import PromptMMTeacher
 from promptmm_dist.train.steps import list_logits
+from promptmm_dist.train.world import World
 
 
 def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user: torch.Tensor,
                  student_item: torch.Tensor, student_projector: torch.nn.Module | None,
                  sampler: TrainSampler, cfg: Config, seed: int,
-                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+                 optimizer: torch.optim.Optimizer | None = None, world: World | None = None,
+                 item_pos: np.ndarray | None = None, shards: "RoundShards | None" = None) -> dict[str, float]:
     """`cfg.prompt.round_steps` optimiser steps on the prompt; returns the mean round loss.
 
-    A pure function of (teacher, prompt state, student, seed): the samples and the prompt's dropout
-    both draw from `seed` (torch's global RNG is left as it was), so a round run by a TeacherWorker,
-    re-run on a restarted one, or run in-process gives the same prompt."""
+    `student_user`/`student_item`: the student's rows of the tables this process holds (whole in one
+    process); `sampler`: the training pairs of this process's users (rows = its user rows, columns =
+    global item ids); `item_pos`: global item id -> position in the gathered item order (None: the
+    same); `shards`: which of the sampler's pairs belong to which user shard (None: one shard, all of
+    them). A pure function of (teacher, prompt state, student, seed): the samples and the prompt's
+    dropout draw from `seed` (torch's global RNG is left as it was), so a round re-run on a restarted
+    teacher, or run in-process, gives the same prompt (dropout masks are drawn per process: with
+    dropout, W ranks draw other masks than one)."""
+    world = world or World()
+    shards = shards or RoundShards(1, {0: (0, sampler.n_pairs)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _prompt_round(teacher, graph, student_user, student_item, student_projector, sampler, cfg, seed,
-                             optimizer)
+                             optimizer, world, item_pos, shards)
+
+
+@dataclass
+class RoundShards:
+    """The user shards of a process's sampler: shard k's pairs are `sampler.pair_users[start:stop]`
+    (pairs are sorted by user row and a shard's users are consecutive rows)."""
+
+    num_shards: int
+    ranges: dict[int, tuple[int, int]]  # shard -> (start, stop) in the sampler's pairs
+
+    def batch_sizes(self, batch_size: int, world: World) -> dict[int, int]:
+        """Each shard's part of the round's batch: proportional to its pairs over all shards' (one
+        shard: the whole batch, or every pair when there are fewer)."""
+        if self.num_shards == 1:
+            return {k: min(batch_size, b - a) for k, (a, b) in self.ranges.items()}
+        counts = torch.zeros(self.num_shards, dtype=torch.float64)
+        for k, (a, b) in self.ranges.items():
+            counts[k] = float(b - a)
+        total = max(float(world.all_reduce_sum(counts).sum()), 1.0)
+        return {k: min(b - a, int(round(batch_size * (b - a) / total))) for k, (a, b) in self.ranges.items()}
+
+    def generators(self, seed: int) -> dict[int, np.random.Generator]:
+        """Shard k's generator (one shard: the round's seed itself, as one process always drew)."""
+        return {k: np.random.default_rng(seed if self.num_shards == 1 else [seed, k]) for k in self.ranges}
 
 
 def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user: torch.Tensor,
                   student_item: torch.Tensor, student_projector: torch.nn.Module | None,
                   sampler: TrainSampler, cfg: Config, seed: int,
-                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+                  optimizer: torch.optim.Optimizer | None, world: World,
+                  item_pos: np.ndarray | None, shards: RoundShards) -> dict[str, float]:
     sc, pc = cfg.student, cfg.prompt
     flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
     for n, p in teacher.named_parameters():
@@ -44,17 +87,23 @@ def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user
     teacher.eval()
     teacher.prompt.train()
     opt = optimizer or torch.optim.Adam(teacher.prompt.parameters(), lr=pc.lr)
-    rng = np.random.default_rng(seed)
-    s_user, s_item = student_user.detach(), student_item.detach()
+    rngs = shards.generators(seed)
+    sizes = shards.batch_sizes(sc.batch_size, world)
+    s_user = student_user.detach()
+    s_item = graph.gather_items(student_item.detach())[0]  # the whole item side, gathered order
+    n_batch = sum(sizes.values())
+    share = world.batch_share(n_batch)
     total = 0.0
     try:
         for step in range(pc.round_steps):
-            pick = rng.integers(0, sampler.n_pairs, size=min(sc.batch_size, sampler.n_pairs))
-            users_np = sampler.pair_users[pick]
-            negs = sampler.sample_negatives(users_np, sc.neg_sample_num, rng)
-            items_np = np.concatenate([sampler.pair_items[pick][:, None], negs], axis=1)
+            parts = [_draw(sampler, shards.ranges[k], sizes[k], sc.neg_sample_num, rngs[k]) for k in sorted(sizes)]
+            users_np = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+            items_np = (np.concatenate([p[1] for p in parts]) if parts
+                        else np.zeros((0, 1 + sc.neg_sample_num), np.int64))
+            if item_pos is not None:
+                items_np = item_pos[items_np]
             users, items = torch.from_numpy(users_np), torch.from_numpy(items_np)
-            out = teacher(graph)
+            out = _gathered(teacher(graph), graph)
             s_logits = list_logits(s_user, s_item, users, items)
             t_fused = list_logits(out.user, out.item, users, items)
             t_modal = {m: list_logits(out.modal_user[m], out.modal_item[m], users, items) for m in out.modal_user}
@@ -75,18 +124,41 @@ def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user
                 loss = loss + sc.lambda_list * modality_list_kd(lists, s_logits, sc.tau, variant=sc.list_kd,
                                                                 weights=weights, alpha=sc.dkd_alpha,
                                                                 beta=sc.dkd_beta, detach_teacher=False)
+            loss = loss * share if n_batch else loss.nan_to_num() * 0.0
             if sc.lambda_emb > 0 and student_projector is not None:
-                batch_items = torch.unique(items[:, :2])
+                # over the global batch's distinct items, which every rank holds gathered: each rank
+                # takes 1/W of the term so that the summed gradients count it once
+                batch_items = world.distinct_items(items[:, :2], s_item.shape[0])
                 with torch.no_grad():
                     proj = student_projector(s_item[batch_items])
-                loss = loss + sc.lambda_emb * embedding_kd({m: h[batch_items] for m, h in out.modal_item.items()},
-                                                           proj, alpha=sc.emb_alpha, detach_teacher=False)
+                loss = loss + sc.lambda_emb / world.world_size * embedding_kd(
+                    {m: h[batch_items] for m, h in out.modal_item.items()}, proj, alpha=sc.emb_alpha,
+                    detach_teacher=False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            world.sync_gradients(teacher.prompt)
             opt.step()
-            total += float(loss.detach())
+            total += world.reduce_sums({"loss": float(loss.detach())})["loss"]
     finally:
         for n, p in teacher.named_parameters():
             p.requires_grad_(flags[n])
         teacher.eval()
     return {"round_loss": total / max(pc.round_steps, 1), "steps": pc.round_steps}
+
+
+def _draw(sampler: TrainSampler, pairs: tuple[int, int], n: int, n_neg: int,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """`n` of a shard's training pairs (uniform, with replacement) and `n_neg` negatives for each."""
+    start, stop = pairs
+    pick = start + rng.integers(0, stop - start, size=n) if n else np.zeros(0, np.int64)
+    users = sampler.pair_users[pick]
+    negs = sampler.sample_negatives(users, n_neg, rng)
+    return users, np.concatenate([sampler.pair_items[pick][:, None], negs], axis=1)
+
+
+def _gathered(out, graph: GraphPropagator):
+    """`out` with its item-side tables whole (gathered order); the user side stays this process's rows."""
+    names = list(out.modal_item)
+    whole = graph.gather_items(out.item, *(out.modal_item[m] for m in names), out.prompt_item)
+    return type(out)(out.user, whole[0], out.modal_user, dict(zip(names, whole[1:1 + len(names)])), out.prompt_user,
+                     whole[-1])

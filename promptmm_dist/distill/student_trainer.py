@@ -29,7 +29,8 @@ from promptmm_dist.train.validation import CLOSING_FILE, Validator, closing_metr
 
 class RankKD:
     """The cache as a partitioned rank needs it: sample ids in the rank's numbering, the teacher's item
-    tables in the gathered item order, and whole student tables (on rank 0) for prompt rounds."""
+    tables in the gathered item order; at a prompt round the rank hands in its own rows (the teacher
+    rank of the same partition reads them: no whole table anywhere)."""
 
     def __init__(self, kd: RayCacheKD, rd: RankData, world: PartitionedWorld) -> None:
         self.kd, self.rd, self.world = kd, rd, world
@@ -47,12 +48,7 @@ class RankKD:
         return ranking, self._items, has_teacher
 
     def after_epoch(self, epoch: int, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict | None:
-        kd = self.kd
-        if kd.refresh <= 0 or (epoch + 1) % kd.refresh != 0:
-            return None
-        user = self.world.full_table(user_emb, "user")  # collective; whole on rank 0 only
-        item = self.world.full_table(item_emb, "item")
-        return kd.after_epoch(epoch, user, item)
+        return self.kd.after_epoch(epoch, user_emb, item_emb)
 
 
 def student_train_loop(config: dict) -> None:

@@ -1,15 +1,18 @@
-"""The TeacherModel actor: the one process of a student stage that holds the frozen teacher. Per cache
-version it computes the teacher's final embeddings once and returns them as blocks (each shard's
-user rows, and the item table), and it runs the prompt rounds that make new versions. The soft
-rankings themselves are made from those blocks by the light TeacherWorkers (`teacher_workers.py`).
+"""The frozen teacher of a student stage, partitioned: `TeacherRank` r of W holds what rank r of a
+Train stage holds (its users', items' and adjacency rows, its items' features, its rows of the
+teacher's tables; `partition.setup`), so no process holds the whole graph or the whole teacher.
+Per cache version the W ranks compute the teacher's final embeddings once, together (one partitioned
+forward), and return them as blocks: rank r each of its shards' user rows (`user_block`), rank 0 also
+the item table (`item_block`; items are the small side, gathered). They run the prompt rounds that
+make new versions the same way: each rank steps the replicated prompt on its share of the batch.
 
-It *returns* its results; the driver that called it owns the object refs, so the blocks live as long
-as the driver keeps the refs and no longer.
+They *return* their results; the driver that called them owns the object refs, so the blocks live as
+long as the driver keeps the refs and no longer. `distill.teacher_group.TeacherGroup` is the driver's
+handle on the W ranks (start, calls, restart of the whole group when one dies).
 
 Every call is idempotent: it names the cache version it serves and carries that version's prompt
-(`PromptState`), so a TeacherModel restarted by Ray (`max_restarts`, rebuilt from the canonical files
-and the checkpoint) and a call retried on it (`max_task_retries`, which also lets Ray rebuild a lost
-block by re-running the call) give exactly what the lost one would have given.
+(`PromptState`), so a group started again (rebuilt from the canonical files and the checkpoint) gives
+exactly what the lost one would have given.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,11 +27,9 @@ import torch
 from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.config import Config, config_from_dict
 from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import SampleBatch, TrainSampler
-from promptmm_dist.distill.prompt_rounds import prompt_round
+from promptmm_dist.distill.prompt_rounds import RoundShards, prompt_round
 from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
-from promptmm_dist.run_io import load_state
 from promptmm_dist.train.steps import SoftRanking, soft_ranking
 
 
@@ -43,16 +43,12 @@ class PromptState:
     optimizer: dict | None = None
 
 
-def user_block(out: TeacherOutput, shard: int, num_shards: int) -> dict:
-    """Shard `shard`'s user rows (users shard, shard + N, ...: row u // N) of the fused and modality tables."""
-    rows = slice(shard, None, num_shards)
+def user_block(out: TeacherOutput, plan, shard: int) -> dict:
+    """Shard `shard`'s user rows (users shard, shard + N, ...: row u // N) of the fused and modality
+    tables, from the rank's rows (`out`) that hold them."""
+    rows = shard_rows(plan, shard)
     return {"user": out.user[rows].numpy().copy(), "modal": {m: h[rows].numpy().copy() for m, h in out.modal_user.items()},
-            "shard": shard, "num_shards": num_shards}
-
-
-def item_block(out: TeacherOutput) -> dict:
-    """The item side of the fused and modality tables (every shard's samples index any item)."""
-    return {"item": out.item.numpy().copy(), "modal": {m: h.numpy().copy() for m, h in out.modal_item.items()}}
+            "shard": shard, "num_shards": plan.num_shards}
 
 
 def rows_from_blocks(user_blocks: dict[int, dict], items: dict, users: np.ndarray,
@@ -68,6 +64,14 @@ def rows_from_blocks(user_blocks: dict[int, dict], items: dict, users: np.ndarra
     return out, np.asarray(items["item"])[item_ids]
 
 
+def shard_rows(plan, shard: int) -> slice:
+    """The local rows of shard `shard`'s users on their rank (users shard, shard + N, ..: row u // N)."""
+    from promptmm_dist.partition.plan import shard_size
+
+    start = int(plan.shard_offset[shard])
+    return slice(start, start + shard_size(plan.n_users, shard, plan.num_shards))
+
+
 def load_canonical(spec: dict) -> InteractionData:
     """The dataset of a spec (`partition.setup.dataset_spec`) from its canonical folder."""
     from promptmm_dist.data.formats import load_dataset
@@ -75,46 +79,89 @@ def load_canonical(spec: dict) -> InteractionData:
     return load_dataset(spec["dir"], modalities=spec.get("modalities"))
 
 
-class TeacherModel(ActorInfo):
-    """The frozen teacher (eval mode); its forward is computed once per cache version."""
+class TeacherRank(ActorInfo):
+    """Rank `rank` of the frozen teacher (eval mode); its forward is computed once per cache version.
 
-    def __init__(self, data: InteractionData | dict, cfg_dict: dict, checkpoint: str, threads: int | None = None) -> None:
-        """`data`: the dataset, or a dataset spec (paths and sizes) to read it from its canonical files,
-        which is what a Ray run passes (the driver ships no rows, and a restart needs no driver object).
-        `threads`: torch intra-op threads; None = the CPUs Ray reserved for this actor (`num_cpus`,
-        whole CPUs, at least one)."""
+    With `world_size` 1 it is ready when built (one process: the whole teacher, as in a one-worker
+    stage); with more, `join` sets up the process group and the rank's share (every rank at once)."""
+
+    def __init__(self, spec: dict, cfg_dict: dict, checkpoint: str, num_shards: int, rank: int = 0,
+                 world_size: int = 1, threads: int | None = None) -> None:
+        """`spec`: the dataset spec (paths and sizes: the driver ships no rows, and a restart needs no
+        driver object). `threads`: torch intra-op threads; None = the CPUs Ray reserved for this actor
+        (`num_cpus`, whole CPUs, at least one)."""
         from promptmm_dist.ray_setup import actor_threads
-        from promptmm_dist.train.teacher_loop import build_teacher
-        from promptmm_dist.paths import hard_token_dir
 
         self.threads = max(1, threads) if threads is not None else actor_threads()
         torch.set_num_threads(self.threads)
+        self.spec, self.checkpoint, self.num_shards = spec, checkpoint, num_shards
+        self.rank, self.world_size = rank, world_size
         self.cfg: Config = config_from_dict(cfg_dict)
-        self.data = data = data if isinstance(data, InteractionData) else load_canonical(data)
-        self.graph = GraphPropagator.from_train(data.train_csr, self.cfg.teacher.norm)
-        self.teacher: PromptMMTeacher = build_teacher(data, self.cfg, cache_folder=hard_token_dir())
-        self.teacher.load_state_dict(load_state(Path(checkpoint)))
-        self.teacher.eval()
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
         self.version = 0
         self._out: TeacherOutput | None = None
+        self._items: dict | None = None
         self.forwards = 0
         self._sampler: TrainSampler | None = None
-        self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
+        self.teacher: PromptMMTeacher | None = None
+        if world_size == 1:
+            self._build()
+
+    def address(self) -> tuple[str, int]:
+        """Where the group's rendezvous listens (asked of rank 0): this node's address and a free port."""
+        import ray
+
+        from promptmm_dist.partition.group import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, address: str, port: int, timeout_s: float) -> int:
+        """Join the group's gloo process group and set up this rank's share (collective); its pid."""
+        import datetime
+        import os
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        self._build()
+        return os.getpid()
+
+    def _build(self) -> None:
+        from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
+        from promptmm_dist.paths import hard_token_dir
+
+        self.rd, self.world, self.graph = setup_rank(self.spec, self.num_shards, self.rank, self.world_size,
+                                                     self.cfg.teacher.norm, self.cfg.dist.exchange)
+        teacher = build_rank_teacher(self.rd, self.cfg, hard_token_dir())
+        # memory-mapped: only this rank's rows of the whole checkpoint's tables are read
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        teacher.load_state_dict(self.world.local_state_dict(state))
+        del state
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher
+        self._prompt_opt = torch.optim.Adam(teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
         self._rounds_from = 0  # the version whose optimiser state `_prompt_opt` holds (-1: unknown)
-        self._initial = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
+        self._initial = {k: v.detach().clone() for k, v in teacher.prompt.state_dict().items()}
 
     def _output(self) -> TeacherOutput:
+        """This version's forward (collective), with the item side gathered in global id order."""
         if self._out is None:
             self.teacher.eval()
             with torch.no_grad():
-                self._out = self.teacher(self.graph)
+                out = self.teacher(self.graph)
+                names = list(out.modal_item)
+                whole = self.graph.gather_items(out.item, *(out.modal_item[m] for m in names))
+            back = torch.from_numpy(self.rd.plan.item_pos)  # global id -> gathered position
+            self._items = {"item": whole[0][back].numpy(),
+                           "modal": {m: h[back].numpy() for m, h in zip(names, whole[1:])}}
+            self._out = out
             self.forwards += 1
         return self._out
 
     def forward_count(self) -> int:
-        """Whole-graph teacher forwards this actor computed (one per cache version it served)."""
+        """Teacher forwards this rank computed (one per cache version it served)."""
         return self.forwards
 
     def _serve(self, version: int, prompt: PromptState | None) -> None:
@@ -122,36 +169,63 @@ class TeacherModel(ActorInfo):
         if prompt is not None and prompt.version != self.version:
             self.load_prompt(prompt.state, prompt.version, prompt.optimizer)
         if version != self.version:
-            raise RuntimeError(f"the teacher model holds prompt version {self.version}, asked for {version}")
+            raise RuntimeError(f"the teacher holds prompt version {self.version}, asked for {version}")
 
-    def soft_ranking(self, version: int, samples: SampleBatch, prompt: PromptState | None = None) -> SoftRanking:
-        """Teacher logits for a shard's epoch samples under cache `version` (whose prompt `prompt` is,
-        for versions > 0: a restarted model starts from the checkpoint's prompt, version 0)."""
-        self._serve(version, prompt)
-        return soft_ranking(self._output(), np.asarray(samples.users), np.asarray(samples.items))
+    def version_tables(self, version: int, prompt: PromptState | None, num_shards: int):
+        """Cache `version`'s final embeddings (collective): a small status dict, then the user block of
+        each shard this rank owns (`user_block`, in shard order), then on rank 0 the item block. Called
+        with `num_returns` = their count, so each block is its own object and a TeacherWorker reads
+        only the blocks of the shard it ranks; the driver reads only the status."""
+        from promptmm_dist.partition.plan import rank_shards
 
-    def version_tables(self, version: int, prompt: PromptState | None, num_shards: int) -> tuple[dict, ...]:
-        """Cache `version`'s final embeddings as N + 1 blocks: shard k's user rows (`user_block`) for
-        k < N, then the item table (`item_block`). Called with `num_returns=N + 1`, so each block is its
-        own object and a TeacherWorker reads only the blocks of the shard it ranks."""
+        if num_shards != self.num_shards:
+            raise ValueError(f"the teacher is partitioned over {self.num_shards} shards, asked for {num_shards}")
         self._serve(version, prompt)
         out = self._output()
-        return (*(user_block(out, k, num_shards) for k in range(num_shards)), item_block(out))
+        mine = rank_shards(num_shards, self.rank, self.world_size)
+        blocks = [user_block(out, self.rd.plan, k) for k in mine]
+        status = {"rank": self.rank, "version": version, "shards": mine, "users": self.rd.n_users,
+                  "items": self.rd.n_items}
+        return (status, *blocks, *([self._items] if self.rank == 0 else []))
 
     def item_block(self, version: int, prompt: PromptState | None = None) -> dict:
-        """The item block of cache `version` alone (the Tune shared cache's embedding-KD tables)."""
+        """The item block of cache `version` alone (collective; every rank returns it)."""
         self._serve(version, prompt)
-        return item_block(self._output())
+        self._output()
+        return self._items
+
+    def soft_ranking(self, version: int, samples: SampleBatch, prompt: PromptState | None = None) -> SoftRanking:
+        """Teacher logits for samples (global ids) under `version`, from one rank that holds every user
+        (the Tune shared cache; a distill run ranks with TeacherWorkers from the blocks instead)."""
+        if self.world_size != 1:
+            raise RuntimeError("TeacherRank.soft_ranking needs every user's rows: a one-rank teacher only")
+        self._serve(version, prompt)
+        out = self._output()
+        items = TeacherOutput(out.user, torch.from_numpy(self._items["item"]), out.modal_user,
+                              {m: torch.from_numpy(h) for m, h in self._items["modal"].items()},
+                              out.prompt_user, out.prompt_item)
+        users = np.asarray(samples.users)
+        ranking = soft_ranking(items, self.rd.plan.local_user(users), np.asarray(samples.items))
+        ranking.users = users
+        return ranking
 
     def prompt_round(self, student: tuple[np.ndarray, np.ndarray, dict | None], seed: int,
                      base: PromptState | None = None) -> dict:
-        """Step the prompt against the current student, starting from `base` (the current version's
-        prompt; None: what the model holds); returns the new prompt state and a summary. A pure
-        function of (teacher checkpoint, base, student, seed): dropout draws from `seed` too."""
+        """Step the prompt against the current student (collective), starting from `base` (the current
+        version's prompt; None: what the rank holds); returns the new prompt state and a summary.
+        `student`: the student's rows that this rank's partition holds (user rows, item rows, projector
+        state), as student rank r hands them in. A pure function of (teacher checkpoint, base, student,
+        seed, world size): dropout draws from `seed` too."""
+        from promptmm_dist.partition.plan import rank_shards
+        from promptmm_dist.partition.setup import rank_train_rows
+
         t0 = time.perf_counter()
         if base is not None and (base.version != self.version or self._rounds_from != base.version):
             self.load_prompt(base.state, base.version, base.optimizer)
         user, item, projector_state = student
+        if len(user) != self.rd.n_users or len(item) != self.rd.n_items:
+            raise ValueError(f"teacher rank {self.rank}: the student's rows ({len(user)} users, {len(item)} "
+                             f"items) are not this partition's ({self.rd.n_users}, {self.rd.n_items})")
         # no projector state = the student's nn.Identity projector (d_S = d): embedding KD still applies
         projector: torch.nn.Module = torch.nn.Identity()
         if projector_state:
@@ -159,11 +233,17 @@ class TeacherModel(ActorInfo):
             projector = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             projector.weight.data.copy_(w)
         if self._sampler is None:
-            self._sampler = TrainSampler(self.data.train_csr)
+            self._sampler = TrainSampler(rank_train_rows(self.rd).tocsr())
+            plan, rows = self.rd.plan, self._sampler.pair_users
+            ranges = {}
+            for k in rank_shards(self.num_shards, self.rank, self.world_size):
+                r = shard_rows(plan, k)
+                ranges[k] = (int(np.searchsorted(rows, r.start)), int(np.searchsorted(rows, r.stop)))
+            self._shards = RoundShards(self.num_shards, ranges)
         # copies: the embeddings arrive read-only from the object store (torch warns on those)
-        info = prompt_round(self.teacher, self.graph, torch.tensor(np.asarray(user)),
-                            torch.tensor(np.asarray(item)), projector, self._sampler, self.cfg, seed,
-                            optimizer=self._prompt_opt)
+        info = prompt_round(self.teacher, self.graph, torch.tensor(np.asarray(user)), torch.tensor(np.asarray(item)),
+                            projector, self._sampler, self.cfg, seed, optimizer=self._prompt_opt, world=self.world,
+                            item_pos=self.rd.plan.item_pos, shards=self._shards)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1
         self._rounds_from = self.version
@@ -172,8 +252,8 @@ class TeacherModel(ActorInfo):
                 "optimizer": copy.deepcopy(self._prompt_opt.state_dict()), **info}
 
     def load_prompt(self, state: dict | None, version: int, optimizer: dict | None = None) -> int:
-        """Adopt the prompt of a version made before (e.g. the one a lost TeacherModel held); `state`
-        None: the checkpoint's prompt; `optimizer`: the prompt optimiser's state, for the next round."""
+        """Adopt the prompt of a version made before (e.g. the one a lost group held); `state` None:
+        the checkpoint's prompt; `optimizer`: the prompt optimiser's state, for the next round."""
         self.teacher.prompt.load_state_dict(self._initial if state is None else state)
         self._prompt_opt = torch.optim.Adam(self.teacher.prompt.parameters(), lr=self.cfg.prompt.lr)
         if optimizer is not None:

@@ -1,5 +1,5 @@
 """TeacherWorker actors: turn a shard's epoch samples into soft rankings (the cache entries) from the
-cache version's embedding blocks (`teacher_model.TeacherModel.version_tables`).
+cache version's embedding blocks (`teacher_model.TeacherRank.version_tables`).
 
 A worker holds no dataset and no teacher: each call gets the shard's user block and the item block as
 object refs (zero-copy reads) and is a pure function of them, so `dist.num_teacher_workers` workers

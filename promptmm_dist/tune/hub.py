@@ -9,7 +9,7 @@ that ends (or is stopped by ASHA) never takes a shared teacher or cache down wit
 Trial side, `SharedCacheProducer` is the trial's `SoftRankingCache`: it publishes the shared
 version-0 epochs in the trial's own `CacheDirectory` (student ranks read them zero-copy, unchanged
 code path) and, after the trial's first prompt round, produces its private versions with its own
-TeacherModel and TeacherWorker, exactly like a `promptmm distill` run.
+teacher group and TeacherWorker, exactly like a `promptmm distill` run.
 
 All these actors take 0 logical CPUs: they compute on demand while a trial that holds CPUs waits.
 
@@ -54,16 +54,19 @@ class SharedTeacherCache:
     theirs) and recomputed if asked for again (deterministic: same seed, same samples).
     """
 
-    def __init__(self, data, cfg_dict: dict, checkpoint: str, shards: list, seed: int, n_neg: int,
+    def __init__(self, spec: dict, cfg_dict: dict, checkpoint: str, shards: list, seed: int, n_neg: int,
                  keep_bytes: int, name: str) -> None:
+        """`spec`: the dataset spec (`partition.setup.dataset_spec`): the teacher reads its files."""
         import ray
         import torch
 
-        from promptmm_dist.distill.teacher_model import TeacherModel
+        from promptmm_dist.distill.teacher_model import TeacherRank
 
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        self.worker = TeacherModel(data, cfg_dict, checkpoint)  # in-process: one process per teacher
+        # in-process, one rank: every trial's version 0 comes from this one teacher (private versions
+        # after a prompt round come from each trial's own teacher group)
+        self.worker = TeacherRank(spec, cfg_dict, checkpoint, len(shards))
         self.shards, self.seed, self.n_neg, self.keep_bytes, self.name = shards, seed, n_neg, keep_bytes, name
         self._lock = threading.Lock()  # bookkeeping
         self._compute = threading.Lock()  # the teacher (one forward, then gathers)
@@ -92,12 +95,12 @@ class SharedTeacherCache:
         self._evict()
 
     def version0_blocks(self) -> list:
-        """Version 0's embedding blocks (`TeacherModel.version_tables`), for `init_from_teacher`."""
+        """Version 0's embedding blocks (`TeacherRank.version_tables`), for `init_from_teacher`."""
         import ray
 
         with self._compute:
             if self._blocks is None:
-                self._blocks = [ray.put(b) for b in self.worker.version_tables(0, None, len(self.shards))]
+                self._blocks = [ray.put(b) for b in self.worker.version_tables(0, None, len(self.shards))[1:]]
         return list(self._blocks)
 
     # -- epochs
@@ -302,7 +305,7 @@ class TeacherHub:
                 from promptmm_dist.ray_setup import actor_options
 
                 actor = ray.remote(num_cpus=0, max_concurrency=32, **actor_options(cfg.dist))(SharedTeacherCache)
-                handle = actor.remote(self.data_ref, cfg_dict, str(Path(rec["folder"]) / "teacher.pt"),
+                handle = actor.remote(self.shared["dataset"], cfg_dict, str(Path(rec["folder"]) / "teacher.pt"),
                                       self.shared["shards"], cfg.seed, cfg.student.neg_sample_num,
                                       int(self.plan["cache_keep_mb"] * 2**20), key)
                 c = {"handle": handle, "sig": sig, "live": set(), "used": time.monotonic(), "trials": 0}
@@ -408,7 +411,7 @@ class SharedCacheProducer(SoftRankingCache):
     """A trial's cache producer: shared version-0 epochs, private versions after a prompt round."""
 
     def __init__(self, shared_cache, trial: str, make_teacher, *args: Any, **kw: Any) -> None:
-        """`make_teacher()`: (a TeacherModel, [TeacherWorkers]) for the trial's private versions."""
+        """`make_teacher()`: (a TeacherGroup, [TeacherWorkers]) for the trial's private versions."""
         super().__init__(*args, **kw)
         self.shared, self.trial = shared_cache, trial
         self._shared_epochs: set[int] = set()

@@ -47,7 +47,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from promptmm_dist.actor_calls import bounded_get
     from promptmm_dist.distill.cache import CacheDirectory
     from promptmm_dist.distill.student_trainer import student_train_loop
-    from promptmm_dist.distill.teacher_model import TeacherModel
+    from promptmm_dist.distill.teacher_group import TeacherGroup
     from promptmm_dist.distill.teacher_workers import TeacherWorker
     from promptmm_dist.paths import hard_token_dir
 
@@ -79,11 +79,16 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     shared_cache = bounded_get(hub.join.remote(trial, sig, S.cache_key(cfg, sig), cfg_dict, directory),
                                "the teacher hub (join)", wait_s)[0]
     opts = ray_setup.actor_options(cfg.dist)
-    model_cls = ray.remote(num_cpus=0, **opts)(TeacherModel)
     worker_cls = ray.remote(num_cpus=0, **opts)(TeacherWorker)
     n_ranks = max(cfg.dist.num_workers, 1)
+
+    def make_teacher():
+        group = TeacherGroup(spec["dataset"], cfg_dict, ckpt, len(spec["shards"]), n_ranks, num_cpus=0,
+                             timeout_s=cfg.dist.actor_timeout_s, max_restarts=int(cfg.dist.max_failures), log=log)
+        return group, [worker_cls.remote()]
+
     producer = SharedCacheProducer(
-        shared_cache, trial, lambda: (model_cls.remote(spec["dataset"], cfg_dict, ckpt), [worker_cls.remote()]),
+        shared_cache, trial, make_teacher,
         spec["shards"], None, [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
         cfg.prompt.refresh_epochs, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
     loop_config = {"cfg": cfg_dict, "dataset": spec["dataset"],
@@ -103,8 +108,10 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     finally:
         producer.stop()
         bounded_get(hub.leave.remote(trial), "the teacher hub (leave)", wait_s)
-        for w in [producer.model, *producer.workers] if producer.model is not None else []:
-            ray.kill(w)
+        if producer.model is not None:
+            producer.model.close()
+            for w in producer.workers:
+                ray.kill(w)
         ray.kill(directory)
     if producer.error is not None:
         raise producer.error
