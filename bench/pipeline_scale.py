@@ -75,7 +75,7 @@ class Sampler(threading.Thread):
 
 def role_of(title: str) -> str | None:
     """The product role of a process title (None: Ray's own processes, not ours)."""
-    for cls, role in (("ShardState", "shard"), ("TeacherRank", "teacher_model"), ("TeacherWorker", "teacher_worker"),
+    for cls, role in (("ShardState", "shard"), ("TeacherRank", "frozen teacher rank"), ("TeacherWorker", "teacher_worker"),
                       ("split_by_shard", "split task")):
         if title.startswith(f"ray::{cls}"):
             return role

@@ -117,10 +117,6 @@ class TeacherGroup:
                 blocks[num_shards] = refs[-1]
         return blocks, status
 
-    def item_block(self, version: int, prompt=None):
-        """The item block of `version` (rank 0's; every rank computes its part)."""
-        return [rank.item_block.remote(version, prompt) for rank in self.ranks][0]
-
     def prompt_round(self, students: list, seed: int, base: PromptState | object | None) -> list:
         """One prompt round on every rank: `students[r]` is student rank r's rows (a ref); returns each
         rank's result ref (equal prompts: rank 0's is the one to read)."""
@@ -128,11 +124,3 @@ class TeacherGroup:
             raise ValueError(f"{len(students)} student parts for a teacher group of {self.world_size} ranks")
         return [rank.prompt_round.remote(students[r], seed, base) for r, rank in enumerate(self.ranks)]
 
-
-def lost_rank(err: BaseException) -> str | None:
-    """A one-line reason when `err` means a teacher rank died (the group must start again), else None."""
-    from ray.exceptions import RayActorError
-
-    if isinstance(err, (RayActorError, ActorLost)):
-        return one_line(err)
-    return None
