@@ -1,7 +1,7 @@
 """One epoch's soft rankings with 1 and with 2 TeacherWorkers, in the same run, 1 thread each.
 
-The pieces are the product's: InteractionShard actors on a synthetic canonical folder, the TeacherModel
-computing the cache version's embedding blocks once (`version_tables`, timed apart), and TeacherWorker
+The pieces are the product's: InteractionShard actors on a synthetic canonical folder, one teacher rank
+(a one-rank `TeacherGroup`) computing the cache version's embedding blocks once (`version_tables`, timed apart), and TeacherWorker
 actors that rank the shards' epoch samples from those blocks (worker j takes shards j, j + W, ...).
 Rounds alternate W = 1 and W = 2 on the same samples and blocks, so load from other processes hits
 both alike; the ratio uses each W's median round. Also reported: the shards' sampling time (the
