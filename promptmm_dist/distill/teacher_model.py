@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,10 +241,15 @@ class TeacherRank(ActorInfo):
                 r = shard_rows(plan, k)
                 ranges[k] = (int(np.searchsorted(rows, r.start)), int(np.searchsorted(rows, r.stop)))
             self._shards = RoundShards(self.num_shards, ranges)
-        # copies: the embeddings arrive read-only from the object store (torch warns on those)
-        info = prompt_round(self.teacher, self.graph, torch.tensor(np.asarray(user)), torch.tensor(np.asarray(item)),
-                            projector, self._sampler, self.cfg, seed, optimizer=self._prompt_opt, world=self.world,
-                            item_pos=self.rd.plan.item_pos, shards=self._shards)
+        # this version's tables are done with (the blocks live in the object store): the round's
+        # forwards with autograd need the room
+        self._out = self._items = None
+        with warnings.catch_warnings():  # read-only object-store rows, never written (the round detaches them)
+            warnings.simplefilter("ignore", UserWarning)
+            s_user, s_item = torch.from_numpy(np.asarray(user)), torch.from_numpy(np.asarray(item))
+        info = prompt_round(self.teacher, self.graph, s_user, s_item, projector, self._sampler, self.cfg, seed,
+                            optimizer=self._prompt_opt, world=self.world, item_pos=self.rd.plan.item_pos,
+                            shards=self._shards)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1
         self._rounds_from = self.version
