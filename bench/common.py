@@ -71,3 +71,17 @@ def ensure_data(folder: Path, users: int, items: int, interactions: int, modalit
               file=sys.stderr, flush=True)
         run_synth(folder, users, items, interactions, modalities, seed)
     return read_manifest(folder)
+
+
+def synthetic_spec(args: argparse.Namespace) -> tuple[str, Path, dict]:
+    """(sizes name, folder, dataset spec) of the synthetic set `add_size_args` describes, generated
+    when missing (`args.data_dir`, else runs/scale-data/<sizes>); the spec is what ranks and teacher
+    actors are given (`partition.setup.dataset_spec`: paths and sizes, no rows)."""
+    sizes = (f"u{args.users}-i{args.items}-n{args.interactions}-"
+             f"{args.modalities.replace(':', '').replace(',', '-')}-s{args.seed}")
+    folder = Path(args.data_dir) if getattr(args, "data_dir", None) else BENCH_DIR.parent / "runs" / "scale-data" / sizes
+    manifest = ensure_data(folder, args.users, args.items, args.interactions, args.modalities, args.seed)
+    spec = {"dir": str(folder.resolve()), "n_users": manifest["n_users"], "n_items": manifest["n_items"],
+            "modalities": list(manifest["modalities"]), "name": folder.name,
+            "manifest_sha256": manifest.get("content_sha256", "")}
+    return sizes, folder, spec

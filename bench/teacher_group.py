@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import add_size_args, emit, ensure_data, markdown_table
+from common import add_size_args, emit, markdown_table, synthetic_spec
 from teacher_workers import make_checkpoint, peak_rss_mib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from promptmm_dist.config import Config
     from promptmm_dist.distill.teacher_group import TeacherGroup
 
-    sizes = f"u{args.users}-i{args.items}-n{args.interactions}-{args.modalities.replace(':', '').replace(',', '-')}-s{args.seed}"
-    folder = Path(args.data_dir) if args.data_dir else REPO / "runs" / "scale-data" / sizes
-    manifest = ensure_data(folder, args.users, args.items, args.interactions, args.modalities, args.seed)
+    sizes, folder, spec = synthetic_spec(args)
     cfg = Config()
     cfg.prompt.round_steps = args.round_steps
-    spec = {"dir": str(folder.resolve()), "n_users": manifest["n_users"], "n_items": manifest["n_items"],
-            "modalities": list(manifest["modalities"]), "name": folder.name,
-            "manifest_sha256": manifest.get("content_sha256", "")}
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     n, d = args.shards, cfg.teacher.embed_dim
     t0 = time.perf_counter()

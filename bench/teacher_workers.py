@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import add_size_args, emit, ensure_data, markdown_table
+from common import add_size_args, emit, markdown_table, synthetic_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,14 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     from promptmm_dist.distill.teacher_group import TeacherGroup
     from promptmm_dist.distill.teacher_workers import TeacherWorker
 
-    sizes = f"u{args.users}-i{args.items}-n{args.interactions}-{args.modalities.replace(':', '').replace(',', '-')}-s{args.seed}"
-    folder = Path(args.data_dir) if args.data_dir else REPO / "runs" / "scale-data" / sizes
-    manifest = ensure_data(folder, args.users, args.items, args.interactions, args.modalities, args.seed)
+    sizes, folder, spec = synthetic_spec(args)
     cfg = Config()
     n_neg = cfg.student.neg_sample_num
-    spec = {"dir": str(folder.resolve()), "n_users": manifest["n_users"], "n_items": manifest["n_items"],
-            "modalities": list(manifest["modalities"]), "name": folder.name,
-            "manifest_sha256": manifest.get("content_sha256", "")}
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     n = args.shards
     t0 = time.perf_counter()

@@ -24,7 +24,7 @@ from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.losses import bpr_loss, embedding_kd, modality_list_kd, pairwise_kd
 from promptmm_dist.models.teacher import PromptMMTeacher
-from promptmm_dist.train.steps import list_logits
+from promptmm_dist.train.steps import gather_item_side, list_logits
 from promptmm_dist.train.world import World
 
 
@@ -103,7 +103,7 @@ def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user
             if item_pos is not None:
                 items_np = item_pos[items_np]
             users, items = torch.from_numpy(users_np), torch.from_numpy(items_np)
-            out = _gathered(teacher(graph), graph)
+            out = gather_item_side(teacher(graph), None, graph)[0]
             s_logits = list_logits(s_user, s_item, users, items)
             t_fused = list_logits(out.user, out.item, users, items)
             t_modal = {m: list_logits(out.modal_user[m], out.modal_item[m], users, items) for m in out.modal_user}
@@ -155,10 +155,3 @@ def _draw(sampler: TrainSampler, pairs: tuple[int, int], n: int, n_neg: int,
     negs = sampler.sample_negatives(users, n_neg, rng)
     return users, np.concatenate([sampler.pair_items[pick][:, None], negs], axis=1)
 
-
-def _gathered(out, graph: GraphPropagator):
-    """`out` with its item-side tables whole (gathered order); the user side stays this process's rows."""
-    names = list(out.modal_item)
-    whole = graph.gather_items(out.item, *(out.modal_item[m] for m in names), out.prompt_item)
-    return type(out)(out.user, whole[0], out.modal_user, dict(zip(names, whole[1:1 + len(names)])), out.prompt_user,
-                     whole[-1])

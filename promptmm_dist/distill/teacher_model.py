@@ -31,7 +31,7 @@ from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.sampling import SampleBatch, TrainSampler
 from promptmm_dist.distill.prompt_rounds import RoundShards, prompt_round
 from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
-from promptmm_dist.train.steps import SoftRanking, soft_ranking
+from promptmm_dist.train.steps import SoftRanking, gather_item_side, soft_ranking
 
 
 @dataclass
@@ -152,11 +152,11 @@ class TeacherRank(ActorInfo):
             self.teacher.eval()
             with torch.no_grad():
                 out = self.teacher(self.graph)
-                names = list(out.modal_item)
-                whole = self.graph.gather_items(out.item, *(out.modal_item[m] for m in names))
-            back = torch.from_numpy(self.rd.plan.item_pos)  # global id -> gathered position
-            self._items = {"item": whole[0][back].numpy(),
-                           "modal": {m: h[back].numpy() for m, h in zip(names, whole[1:])}}
+                whole = gather_item_side(out, None, self.graph)[0]  # collective: every rank takes part
+            if self.rank == 0:  # the item block is rank 0's to return
+                back = torch.from_numpy(self.rd.plan.item_pos)  # global id -> gathered position
+                self._items = {"item": whole.item[back].numpy(),
+                               "modal": {m: h[back].numpy() for m, h in whole.modal_item.items()}}
             self._out = out
             self.forwards += 1
         return self._out
@@ -189,8 +189,8 @@ class TeacherRank(ActorInfo):
                   "items": self.rd.n_items}
         return (status, *blocks, *([self._items] if self.rank == 0 else []))
 
-    def item_block(self, version: int, prompt: PromptState | None = None) -> dict:
-        """The item block of cache `version` alone (collective; every rank returns it)."""
+    def item_block(self, version: int, prompt: PromptState | None = None) -> dict | None:
+        """The item block of cache `version` alone (collective; rank 0 returns it, the others None)."""
         self._serve(version, prompt)
         self._output()
         return self._items
@@ -217,9 +217,6 @@ class TeacherRank(ActorInfo):
         `student`: the student's rows that this rank's partition holds (user rows, item rows, projector
         state), as student rank r hands them in. A pure function of (teacher checkpoint, base, student,
         seed, world size): dropout draws from `seed` too."""
-        from promptmm_dist.partition.plan import rank_shards
-        from promptmm_dist.partition.setup import rank_train_rows
-
         t0 = time.perf_counter()
         if base is not None and (base.version != self.version or self._rounds_from != base.version):
             self.load_prompt(base.state, base.version, base.optimizer)
@@ -234,13 +231,7 @@ class TeacherRank(ActorInfo):
             projector = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             projector.weight.data.copy_(w)
         if self._sampler is None:
-            self._sampler = TrainSampler(rank_train_rows(self.rd).tocsr())
-            plan, rows = self.rd.plan, self._sampler.pair_users
-            ranges = {}
-            for k in rank_shards(self.num_shards, self.rank, self.world_size):
-                r = shard_rows(plan, k)
-                ranges[k] = (int(np.searchsorted(rows, r.start)), int(np.searchsorted(rows, r.stop)))
-            self._shards = RoundShards(self.num_shards, ranges)
+            self._sampler, self._shards = self._round_sampler()
         # this version's tables are done with (the blocks live in the object store): the round's
         # forwards with autograd need the room
         self._out = self._items = None
@@ -256,6 +247,20 @@ class TeacherRank(ActorInfo):
         self._out = None
         return {"state": state, "version": self.version, "round_s": time.perf_counter() - t0,
                 "optimizer": copy.deepcopy(self._prompt_opt.state_dict()), **info}
+
+    def _round_sampler(self) -> tuple[TrainSampler, RoundShards]:
+        """The training pairs of this rank's users, and which of them are each of its shards' (a
+        shard's users are consecutive local rows, and the sampler's pairs are sorted by row)."""
+        from promptmm_dist.partition.plan import rank_shards
+        from promptmm_dist.partition.setup import rank_train_rows
+
+        sampler = TrainSampler(rank_train_rows(self.rd).tocsr())
+        ranges = {}
+        for k in rank_shards(self.num_shards, self.rank, self.world_size):
+            rows = shard_rows(self.rd.plan, k)
+            ranges[k] = (int(np.searchsorted(sampler.pair_users, rows.start)),
+                         int(np.searchsorted(sampler.pair_users, rows.stop)))
+        return sampler, RoundShards(self.num_shards, ranges)
 
     def load_prompt(self, state: dict | None, version: int, optimizer: dict | None = None) -> int:
         """Adopt the prompt of a version made before (e.g. the one a lost group held); `state` None:

@@ -158,20 +158,21 @@ def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
     return SoftRanking(users=users, items=items, modal_logits=modal, fused_logits=fused, margins=margins)
 
 
-def gather_item_side(out: TeacherOutput, base_items: torch.Tensor, graph) -> tuple[TeacherOutput, torch.Tensor]:
+def gather_item_side(out: TeacherOutput, base_items: torch.Tensor | None, graph) -> tuple[TeacherOutput, torch.Tensor | None]:
     """The teacher's item-side tables whole, for losses that index items by id: one exchange for all of
-    them when the graph is partitioned, the same tensors in one process. (user side: this rank's rows)"""
+    them when the graph is partitioned, the same tensors in one process. (user side: this rank's rows)
+    `base_items`: the item ID embeddings too (None: not needed, and None is returned for them)."""
     names = list(out.modal_item)
     views = list(out.views)
     tables = [out.item, *(out.modal_item[m] for m in names), out.prompt_item,
-              *(out.views[v][1] for v in views), base_items]
+              *(out.views[v][1] for v in views), *([] if base_items is None else [base_items])]
     whole = graph.gather_items(*tables)
     n = len(names)
     item, modal, prompt_item = whole[0], whole[1:1 + n], whole[1 + n]
     view_items = whole[2 + n:2 + n + len(views)]
     gathered = TeacherOutput(out.user, item, out.modal_user, dict(zip(names, modal)), out.prompt_user, prompt_item,
                              views={v: (out.views[v][0], t) for v, t in zip(views, view_items)})
-    return gathered, whole[-1]
+    return gathered, None if base_items is None else whole[-1]
 
 
 def optimizer_step(loss: torch.Tensor, parts: dict[str, float], n: int, model: torch.nn.Module,
