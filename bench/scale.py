@@ -86,7 +86,7 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
         torch.tensor([float(sum(s.sampler.n_pairs for s in shards))], dtype=torch.float64))
     batch_size = cfg.teacher.batch_size if stage == "teacher" else cfg.student.batch_size
     n_steps = steps_per_epoch(int(pairs.item()), batch_size)
-    parts = [s.epoch_samples(1, epoch_seed(cfg.seed, 0, k)) for s, k in zip(shards, mine)]
+    parts = [s.epoch_samples(1, epoch_seed(cfg.seed, 0), n_steps) for s in shards]
     del shards
     global_batches = join_steps(parts, n_steps)[:steps]
     del parts

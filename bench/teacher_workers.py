@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = nbytes = 0
     for r in range(args.rounds + 1):
         t0 = time.perf_counter()
-        samples = [s.epoch_samples.remote(n_neg, 1000 * r + k) for k, s in enumerate(shards)]
+        samples = [s.epoch_samples.remote(n_neg, 1000 * r, 64) for s in shards]
         ray.wait(samples, num_returns=n)
         if r > 0:
             sample_s.append(time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.partition.setup import dataset_spec
 from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, write_json
+from promptmm_dist.train.teacher_loop import steps_per_epoch
 from promptmm_dist.train.validation import CLOSING_FILE
 from promptmm_dist import ray_setup
 from promptmm_dist.run_resume import (StageRun, latest_resume, load_prompt, ray_loop_config, ray_storage,
@@ -185,7 +186,8 @@ class DistributedRun:
                                                             "the TeacherWorkers (node ids)", timeout)
             self.placement["teacher_model"] = model.node_ids()
             cache = SoftRankingCache(self.shards, model, workers, directory, n_ranks, cfg.student.epochs, cfg.seed,
-                                     cfg.student.neg_sample_num, cfg.prompt.refresh_epochs, log=log,
+                                     cfg.student.neg_sample_num, cfg.prompt.refresh_epochs,
+                                     steps_per_epoch(self.total_pairs, cfg.student.batch_size), log=log,
                                      timeout_s=timeout, first_epoch=first_epoch, prompt=prompt,
                                      on_round=lambda p: save_prompt(stage.folder, p)).start()
             self.cache = cache  # fault-injection benchmarks read its stats

@@ -29,7 +29,8 @@ from promptmm_dist.paths import hard_token_dir
 from promptmm_dist.run_io import load_state, save_checkpoint, write_history, write_json
 from promptmm_dist.train.student_loop import fit_student
 from promptmm_dist.train.teacher_checkpoint import load_teacher
-from promptmm_dist.train.teacher_loop import StageResult, build_teacher, fit_teacher
+from promptmm_dist.train.world import World
+from promptmm_dist.train.teacher_loop import StageResult, build_teacher, fit_teacher, steps_per_epoch
 
 
 def log(msg: str) -> None:
@@ -57,8 +58,9 @@ def teacher_stage(data: InteractionData, cfg: Config, out: Path) -> tuple[Prompt
     graph = GraphPropagator.from_train(data.train_csr, cfg.teacher.norm)
     teacher = build_teacher(data, cfg, cache_folder=hard_token_dir())
     sampler = TrainSampler(data.train_csr)
+    n_steps = steps_per_epoch(sampler.n_pairs, cfg.teacher.batch_size)
     result = fit_teacher(data, cfg, teacher, graph,
-                         lambda e: sampler.epoch(1, epoch_seed(cfg.seed, e)), sampler.n_pairs, log=log,
+                         lambda e: sampler.epoch(1, epoch_seed(cfg.seed, e), n_steps), sampler.n_pairs, log=log,
                          **stage.loop_kwargs())
     with torch.no_grad():
         o = teacher(graph)
@@ -79,6 +81,7 @@ def student_stage(data: InteractionData, cfg: Config, out: Path, teacher: Prompt
     teacher_dim = cfg.teacher.embed_dim if teacher is not None else None
     student = MODELS[model](data.n_users, data.n_items, embed_dim=sc.embed_dim, n_layers=sc.n_layers,
                             teacher_dim=teacher_dim)
+    World().init_tables(student, cfg.seed)  # rows drawn by id, as the partitioned ranks draw theirs
     name = "student" if teacher is not None else model
     from promptmm_dist.run_resume import StageRun, stage_fingerprint
 

@@ -64,7 +64,7 @@ def test_shards_are_disjoint_and_cover_all_users(tiny):
     assert set().union(*users) == set(range(data.n_users))
     assert sum(s.info()["train_pairs"] for s in shards) == data.train_csr.nnz
     for s in shards:  # a shard's samples are its own users' training pairs
-        batch = s.epoch_samples(4, seed=0)
+        batch = s.epoch_samples(4, seed=0, n_steps=3)
         assert (batch.users % 3 == s.shard).all()
 
 
@@ -113,7 +113,7 @@ def test_shard_negatives_are_never_training_items(tiny):
     data, parquet, *_ = tiny
     dense = data.train_csr.toarray().astype(bool)
     for k in range(2):
-        batch = ShardState(str(parquet), k, 2, data.n_users, data.n_items).epoch_samples(6, seed=k)
+        batch = ShardState(str(parquet), k, 2, data.n_users, data.n_items).epoch_samples(6, seed=k, n_steps=3)
         assert dense[batch.users, batch.items[:, 0]].all()
         assert not dense[batch.users[:, None], batch.items[:, 1:]].any()
 
@@ -136,7 +136,7 @@ def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session, world_s
         # each rank holds its partition only (W = 2: a part of the users and of the items), together all
         assert sum(s["users"] for s in held) == data.n_users and sum(s["items"] for s in held) == data.n_items
         assert all(s["users"] < data.n_users and s["items"] < data.n_items for s in held) or world_size == 1
-        samples = ShardState(str(parquet), 1, n, data.n_users, data.n_items).epoch_samples(5, seed=1)
+        samples = ShardState(str(parquet), 1, n, data.n_users, data.n_items).epoch_samples(5, seed=1, n_steps=3)
         cached = ray.get(worker.soft_ranking.remote(blocks[1], blocks[n], samples, 1, n))
         with pytest.raises(ray.exceptions.RayTaskError, match="other shards"):  # shard 0's block, shard 1's users
             ray.get(worker.soft_ranking.remote(blocks[0], blocks[n], samples, 0, n))
@@ -171,21 +171,22 @@ def test_cached_logits_equal_a_direct_teacher_forward(tiny, ray_session, world_s
 
 
 def test_two_teacher_ranks_make_the_same_prompt_round_as_one(tiny, ray_session):
-    """The round's batch is drawn shard by shard, so 2 teacher ranks (each fed its partition's student
-    rows) step the prompt exactly as 1 rank does (prompt dropout off: its masks are drawn per process)."""
+    """A round's batch and its prompt-dropout masks are keyed by the pairs' and rows' ids, so 2 teacher
+    ranks over 2 shards (each fed its partition's student rows) step the prompt exactly as 1 rank over
+    1 shard does, dropout on."""
     import copy
 
     import ray
 
     data, parquet, cfg, ckpt, _ = tiny
     cfg = copy.deepcopy(cfg)
-    cfg.prompt.prompt_dropout = 0.0
+    assert cfg.prompt.prompt_dropout > 0
     cfg.prompt.round_steps = 3
     results = {}
     for w in (1, 2):
-        group = _group((data, parquet, cfg, ckpt, None), w)
+        group = _group((data, parquet, cfg, ckpt, None), w, num_shards=w)
         try:
-            parts = [ray.put(p) for p in _student_parts(data, w, 2)]
+            parts = [ray.put(p) for p in _student_parts(data, w, w)]
             results[w] = group.gather(group.prompt_round(parts, 5, None), "round")[0]
         finally:
             group.close()
@@ -211,7 +212,7 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     model = _group(tiny, 2)
     workers = [ray.remote(num_cpus=0)(TeacherWorker).remote() for _ in range(2)]
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
-    cache = SoftRankingCache(shards, model, workers, directory, 2, 2, cfg.seed, n_neg, 0, log=lambda m: None,
+    cache = SoftRankingCache(shards, model, workers, directory, 2, 2, cfg.seed, n_neg, 0, 3, log=lambda m: None,
                              timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0], 0, cfg.seed)  # rank 0 of 2 reads shard 0: its ranking unshuffled
     other = RayCacheKD(directory, 1, [1], 0, cfg.seed)
@@ -233,7 +234,7 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     ranking = rankings[0]
     assert ranking.users.dtype == np.int32 and ranking.items.dtype == np.int32
     assert ranking.fused_logits.dtype == np.float16
-    sampled = ShardState(str(parquet), 0, 2, data.n_users, data.n_items).epoch_samples(n_neg, epoch_seed(cfg.seed, 0, 0))
+    sampled = ShardState(str(parquet), 0, 2, data.n_users, data.n_items).epoch_samples(n_neg, epoch_seed(cfg.seed, 0), 3)
     np.testing.assert_array_equal(np.asarray(ranking.users, dtype=np.int64), sampled.users)
     np.testing.assert_array_equal(np.asarray(ranking.items, dtype=np.int64), sampled.items)
     # a row: user (4) + 1+N items (4 each) + fused and per-modality logits (2 each) + margin (4)
@@ -324,17 +325,18 @@ def test_two_train_workers_with_a_smaller_student_and_one_shard(tiktok_path, tmp
 @pytest.mark.timeout(900)
 def test_two_partitioned_train_workers_train_the_same_model_as_one(tiktok_path, tmp_path, ray_session):
     """The product path (`run_distributed`: shard actors, Ray Train, the soft-ranking cache with a prompt
-    round): 2 ranks, each holding half the users, items and adjacency rows, against 1 rank with the same
-    2 shards, seed and global batch. Every epoch's losses and validation metrics of both stages, and the
-    exported student, agree within float tolerance (dropout off: its masks are drawn per process)."""
+    round): 2 ranks over 2 shards, each holding half the users, items and adjacency rows, against 1 rank
+    over 1 shard, with the same seed and global batch size and dropout on. Every epoch's losses and
+    validation metrics of both stages, and the exported student, agree within float tolerance: an
+    epoch's batches, negatives, prompt-round batches and dropout masks do not depend on the sharding."""
     data = subset_first_users(load_dataset(tiktok_path), 300)
     runs = {}
     for workers in (1, 2):
         cfg = tiny_config(epochs=3)
         cfg.teacher.epochs = 2
-        cfg.teacher.dropout = cfg.prompt.prompt_dropout = 0.0
+        assert cfg.teacher.dropout > 0 and cfg.prompt.prompt_dropout > 0
         cfg.prompt.refresh_epochs, cfg.prompt.round_steps = 1, 2
-        cfg.dist.num_workers, cfg.dist.num_shards = workers, 2
+        cfg.dist.num_workers, cfg.dist.num_shards = workers, workers
         out = tmp_path / f"w{workers}"
         runs[workers] = (run_distributed(data, cfg, out), out)
     (m1, out1), (m2, out2) = runs[1], runs[2]

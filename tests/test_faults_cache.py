@@ -192,7 +192,7 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
                          max_restarts=0)
     worker = ray.remote(num_cpus=0, **opts)(TeacherWorker).remote()
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
-    cache = SoftRankingCache(shards, model, [worker], directory, 1, 6, cfg.seed, 4, 2, log=lambda m: None,
+    cache = SoftRankingCache(shards, model, [worker], directory, 1, 6, cfg.seed, 4, 2, 5, log=lambda m: None,
                              timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0, 1], 2, cfg.seed)
     rng = np.random.default_rng(0)
@@ -308,10 +308,10 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
     shards = make_shard_actors(parquet, 2, subset.n_users, subset.n_items, cpus=0, dist=cfg.dist)
     spec = dataset_spec(subset, str(parquet.parent), out / "canon_spec")
     shared = ray.remote(num_cpus=0, max_concurrency=8, **ray_setup.actor_options(cfg.dist))(SharedTeacherCache).remote(
-        spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 0, "k")
+        spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 5, 0, "k")
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     ray.get(shared.join.remote("t1", directory))
-    producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0,
+    producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0, 5,
                                    log=lambda m: None, timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0, 1], 0, cfg.seed)
     try:

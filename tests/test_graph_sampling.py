@@ -45,7 +45,7 @@ def test_negatives_are_never_training_items():
     data = tiny_data()
     csr = data.train_csr
     sampler = TrainSampler(csr)
-    batch = sampler.epoch(n_neg=8, seed=3)
+    batch = sampler.epoch(n_neg=8, seed=3, n_steps=4)
     assert batch.items.shape == (csr.nnz, 9)
     dense = csr.toarray().astype(bool)
     assert dense[batch.users, batch.items[:, 0]].all(), "column 0 must be the user's positive"
@@ -58,7 +58,7 @@ def test_negatives_are_never_training_items():
 
 def test_sampler_is_seeded():
     sampler = TrainSampler(tiny_data().train_csr)
-    a, b, c = sampler.epoch(4, 1), sampler.epoch(4, 1), sampler.epoch(4, 2)
+    a, b, c = sampler.epoch(4, 1, 3), sampler.epoch(4, 1, 3), sampler.epoch(4, 2, 3)
     np.testing.assert_array_equal(a.items, b.items)
     assert not np.array_equal(a.items, c.items)
 
@@ -66,4 +66,61 @@ def test_sampler_is_seeded():
 def test_sampler_refuses_a_user_who_has_every_item():
     r = sp.csr_matrix(np.ones((2, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="negatives"):
-        TrainSampler(r).epoch(2, 0)
+        TrainSampler(r).epoch(2, 0, 1)
+
+
+def _rows(batch) -> set[tuple[int, ...]]:
+    return {(int(u), *map(int, its)) for u, its in zip(batch.users, batch.items)}
+
+
+def test_an_epochs_steps_are_the_same_for_any_sharding():
+    """Step t of the whole sampler = the union of step t of each user shard's sampler (negatives
+    included), and a sampler numbering its users locally (`row_ids`) draws the same: so 1 process, N
+    shards and W ranks train on the same global batches (drawing per shard generator made it differ)."""
+    r = tiny_data().train_csr
+    whole = TrainSampler(r).epoch(3, seed=7, n_steps=5)
+    assert len(whole.step_ends) == 5 and whole.step_ends[-1] == r.nnz
+    sizes = np.diff(np.concatenate([[0], whole.step_ends]))
+    assert sizes.min() > 0.5 * r.nnz / 5  # near-equal steps
+    parts = []
+    for k in range(3):  # shard k: users u % 3 == k, global rows
+        users = np.arange(k, r.shape[0], 3)
+        parts.append(TrainSampler(r, users=users).epoch(3, seed=7, n_steps=5).steps())
+    local = r[np.arange(1, r.shape[0], 3)]  # shard 1 in local row numbering
+    local_steps = TrainSampler(local, row_ids=np.arange(1, r.shape[0], 3)).epoch(3, seed=7, n_steps=5).steps()
+    for t, step in enumerate(whole.steps()):
+        assert _rows(step) == set().union(*(_rows(p[t]) for p in parts)), t
+        relabelled = type(step)(np.arange(1, r.shape[0], 3)[local_steps[t].users], local_steps[t].items)
+        assert _rows(relabelled) == _rows(parts[1][t])
+    other = TrainSampler(r).epoch(3, seed=8, n_steps=5)
+    assert _rows(other.steps()[0]) != _rows(whole.steps()[0])
+
+
+def test_a_prompt_rounds_batch_is_the_same_for_any_sharding():
+    r = tiny_data().train_csr
+    whole = TrainSampler(r).round_batch(0.2, 4, seed=3, step=1)
+    assert 0.1 * r.nnz < len(whole) < 0.3 * r.nnz
+    dense = r.toarray().astype(bool)
+    assert not dense[whole.users[:, None], whole.items[:, 1:]].any()
+    shards = [TrainSampler(r, users=np.arange(k, r.shape[0], 2)).round_batch(0.2, 4, seed=3, step=1) for k in range(2)]
+    assert _rows(whole) == _rows(shards[0]) | _rows(shards[1])
+    assert _rows(TrainSampler(r).round_batch(0.2, 4, seed=3, step=2)) != _rows(whole)
+
+
+def test_row_dropout_masks_a_row_alike_wherever_it_is_held():
+    """`RowDropout` keys each row's mask by its id: the rows a rank holds are dropped as the same rows
+    of the whole table are in one process, given the same generator state; the rate is the one asked."""
+    from promptmm_dist.models.row_dropout import RowDropout
+
+    drop = RowDropout(0.3).train()
+    x = torch.ones(4000, 16)
+    ids = torch.arange(4000)
+    torch.manual_seed(5)
+    whole = drop(x, ids)
+    torch.manual_seed(5)
+    part = drop(x[1000:2500], ids[1000:2500])
+    torch.testing.assert_close(part, whole[1000:2500])
+    assert abs(float((whole == 0).float().mean()) - 0.3) < 0.01
+    torch.testing.assert_close(whole.mean(), torch.tensor(1.0), atol=0.02, rtol=0)  # rescaled like nn.Dropout
+    assert not torch.equal(drop(x, ids), whole)  # the next call draws another key
+    assert torch.equal(drop.eval()(x, ids), x)

@@ -55,7 +55,7 @@ def test_soft_ranking_matches_teacher_dot_products():
     g = GraphPropagator.from_train(data.train_csr)
     with torch.no_grad():
         out = teacher(g)
-    samples = TrainSampler(data.train_csr).epoch(3, 0)
+    samples = TrainSampler(data.train_csr).epoch(3, 0, 4)
     sr = soft_ranking(out, samples.users, samples.items)
     m = teacher.modalities[0]
     j = 7

@@ -4,6 +4,8 @@ math); the Ray Train path is covered end to end in test_distributed.py."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from promptmm_dist.partition.checks import propagation_rank, teacher_curve_rank
 from promptmm_dist.partition.group import run_group
 from promptmm_dist.partition.plan import PartitionPlan, balanced_owner
 from promptmm_dist.partition.setup import dataset_spec
-from promptmm_dist.partition.world import row_seeded_normal
+from promptmm_dist.train.world import row_seeded_normal
 
 
 @pytest.fixture(scope="module")
@@ -96,24 +98,30 @@ def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subse
 
 
 @pytest.mark.parametrize("backbone", ["promptmm", "contrastive"])
-def test_two_rank_teacher_follows_the_one_process_loss_curve(subset, backbone):
-    """Same global batch and seed: 3 epochs of the real teacher on 2 ranks = on 1 rank, loss and
-    validation, while each rank holds only its rows of the embedding tables. The contrastive backbone's
+def test_two_rank_teacher_follows_the_one_process_loss_curve(subset, backbone, tmp_path):
+    """Same seed and global batch size: 3 epochs of the real teacher on 2 ranks over 4 shards = on 1
+    rank over 1 shard = the local one-process stage (no partition at all), loss and validation, with
+    dropout on, while each rank holds only its rows of the embedding tables. The contrastive backbone's
     InfoNCE is over the global batch's distinct users and items, so it adds up across ranks too."""
+    from promptmm_dist.pipeline import teacher_stage
+
     data, spec = subset
     cfg = Config()
     cfg.teacher.backbone = backbone
     cfg.teacher.epochs, cfg.teacher.embed_dim, cfg.teacher.batch_size = 3, 16, 512
-    cfg.teacher.dropout = 0.0  # dropout masks are drawn per process: off for an exact comparison
-    cfg.prompt.prompt_dropout = 0.0
-    one = run_group(teacher_curve_rank, 1, spec, 4, cfg.to_dict())[0]
+    assert cfg.teacher.dropout > 0 and cfg.prompt.prompt_dropout > 0  # masks keyed by row id: exact anyway
+    one = run_group(teacher_curve_rank, 1, spec, 1, cfg.to_dict())[0]
     two = run_group(teacher_curve_rank, 2, spec, 4, cfg.to_dict())
-    assert len(one["history"]) == 3
-    for a, b in zip(one["history"], two[0]["history"]):
+    teacher_stage(data, cfg, tmp_path)
+    local = [json.loads(x) for x in (tmp_path / "teacher" / "history.jsonl").read_text().splitlines()]
+    assert len(one["history"]) == len(local) == 3
+    for a, b, c in zip(one["history"], two[0]["history"], local):
         for k in ("loss_bpr", "loss_modal_bpr", "loss_prompt_bpr") + (("loss_cl",) if backbone == "contrastive" else ()):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (a["epoch"], k)
-        assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-9)
-        assert b["val"]["ndcg@20"] == pytest.approx(a["val"]["ndcg@20"], rel=1e-4)
+            assert c[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), ("local", a["epoch"], k)
+        for x in (b, c):
+            assert x["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-9)
+            assert x["val"]["ndcg@20"] == pytest.approx(a["val"]["ndcg@20"], rel=1e-4)
     assert one["history"][-1]["loss_bpr"] < one["history"][0]["loss_bpr"]  # it trains
     rows = [r["shapes"]["user_emb.weight"][0] for r in two]
     assert sum(rows) == data.n_users and max(rows) < data.n_users

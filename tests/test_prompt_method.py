@@ -78,7 +78,7 @@ def test_prompt_gets_gradient_from_each_kd_term_alone(term):
         p.requires_grad_(n.startswith("prompt."))
     graph = GraphPropagator.from_train(data.train_csr)
     sampler = TrainSampler(data.train_csr)
-    s = sampler.epoch(4, 0)
+    s = sampler.epoch(4, 0, 4)
     users, items = torch.from_numpy(s.users[:256]), torch.from_numpy(s.items[:256])
     s_user = torch.randn(data.n_users, cfg.teacher.embed_dim, generator=torch.Generator().manual_seed(1))
     s_item = torch.randn(data.n_items, cfg.teacher.embed_dim, generator=torch.Generator().manual_seed(2))

@@ -107,9 +107,10 @@ class ShardState(ActorInfo):
     def users(self) -> np.ndarray:
         return self.all_users
 
-    def epoch_samples(self, n_neg: int, seed: int) -> SampleBatch:
-        """Every training pair of the shard once, shuffled, with n_neg negatives never in the user's train."""
-        return self.sampler.epoch(n_neg, seed)
+    def epoch_samples(self, n_neg: int, seed: int, n_steps: int) -> SampleBatch:
+        """Every training pair of the shard once, in the epoch's `n_steps` steps (each pair's step is
+        the one it has in any sharding), with n_neg negatives never in the user's train."""
+        return self.sampler.epoch(n_neg, seed, n_steps)
 
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         return self.sampler.pair_users, self.sampler.pair_items

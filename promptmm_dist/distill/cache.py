@@ -224,10 +224,11 @@ class SoftRankingCache:
     """
 
     def __init__(self, shards: list, model, teacher_workers: list, directory, n_ranks: int, epochs: int,
-                 seed: int, n_neg: int, refresh_epochs: int, log=print, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 first_epoch: int = 0, prompt: PromptState | None = None, on_round=None) -> None:
+                 seed: int, n_neg: int, refresh_epochs: int, n_steps: int, log=print,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, first_epoch: int = 0, prompt: PromptState | None = None,
+                 on_round=None) -> None:
         self.shards, self.model, self.workers, self.directory = shards, model, teacher_workers, directory
-        self.n_ranks, self.epochs, self.seed, self.n_neg = n_ranks, epochs, seed, n_neg
+        self.n_ranks, self.epochs, self.seed, self.n_neg, self.n_steps = n_ranks, epochs, seed, n_neg, n_steps
         self.refresh = refresh_epochs
         self.log = log
         self.timeout_s = timeout_s
@@ -354,7 +355,7 @@ class SoftRankingCache:
         self.stats.tables_s += time.perf_counter() - t0
         t1 = time.perf_counter()
         n = len(self.shards)
-        samples = [s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch, k)) for k, s in enumerate(self.shards)]
+        samples = [s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch), self.n_steps) for s in self.shards]
         refs = [self.workers[k % len(self.workers)].soft_ranking.remote(tables[k], tables[n], samples[k], k, n)
                 for k in range(n)]
         self.refs[epoch] = refs

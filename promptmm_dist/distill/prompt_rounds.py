@@ -7,14 +7,13 @@ authors' released code gives the prompt no gradient here; this is the fix.
 The same function runs in one process (whole tables, `World()`) and on each rank of a partitioned
 teacher (`distill.teacher_model.TeacherRank`): there the tables are the rank's rows, item tables are
 gathered, the losses are weighted by the rank's share and the (replicated) prompt's gradients are
-summed over ranks, as in a teacher training step. The batch is drawn shard by shard (shard k gives
-its share of the pairs, from its own generator), and a rank holds whole shards, so the global batch is
-the same for any number of ranks: W ranks make the same round as one.
+summed over ranks, as in a teacher training step. Whether a step's batch takes a training pair is
+drawn from (seed, step, the pair) alone (`TrainSampler.round_batch`), so the global batch is the same
+for any number of ranks and shards: W ranks make the same round as one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,54 +31,27 @@ def prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user:
                  student_item: torch.Tensor, student_projector: torch.nn.Module | None,
                  sampler: TrainSampler, cfg: Config, seed: int,
                  optimizer: torch.optim.Optimizer | None = None, world: World | None = None,
-                 item_pos: np.ndarray | None = None, shards: "RoundShards | None" = None) -> dict[str, float]:
+                 item_pos: np.ndarray | None = None) -> dict[str, float]:
     """`cfg.prompt.round_steps` optimiser steps on the prompt; returns the mean round loss.
 
     `student_user`/`student_item`: the student's rows of the tables this process holds (whole in one
     process); `sampler`: the training pairs of this process's users (rows = its user rows, columns =
-    global item ids); `item_pos`: global item id -> position in the gathered item order (None: the
-    same); `shards`: which of the sampler's pairs belong to which user shard (None: one shard, all of
-    them). A pure function of (teacher, prompt state, student, seed): the samples and the prompt's
-    dropout draw from `seed` (torch's global RNG is left as it was), so a round re-run on a restarted
-    teacher, or run in-process, gives the same prompt (dropout masks are drawn per process: with
-    dropout, W ranks draw other masks than one)."""
+    global item ids, users keyed by their global ids); `item_pos`: global item id -> position in the
+    gathered item order (None: the same). A pure function of (teacher, prompt state, student, seed):
+    the samples and the prompt's dropout draw from `seed` (torch's global RNG is left as it was), so a
+    round re-run on a restarted teacher, run in-process, or on W ranks gives the same prompt."""
     world = world or World()
-    shards = shards or RoundShards(1, {0: (0, sampler.n_pairs)})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _prompt_round(teacher, graph, student_user, student_item, student_projector, sampler, cfg, seed,
-                             optimizer, world, item_pos, shards)
-
-
-@dataclass
-class RoundShards:
-    """The user shards of a process's sampler: shard k's pairs are `sampler.pair_users[start:stop]`
-    (pairs are sorted by user row and a shard's users are consecutive rows)."""
-
-    num_shards: int
-    ranges: dict[int, tuple[int, int]]  # shard -> (start, stop) in the sampler's pairs
-
-    def batch_sizes(self, batch_size: int, world: World) -> dict[int, int]:
-        """Each shard's part of the round's batch: proportional to its pairs over all shards' (one
-        shard: the whole batch, or every pair when there are fewer)."""
-        if self.num_shards == 1:
-            return {k: min(batch_size, b - a) for k, (a, b) in self.ranges.items()}
-        counts = torch.zeros(self.num_shards, dtype=torch.float64)
-        for k, (a, b) in self.ranges.items():
-            counts[k] = float(b - a)
-        total = max(float(world.all_reduce_sum(counts).sum()), 1.0)
-        return {k: min(b - a, int(round(batch_size * (b - a) / total))) for k, (a, b) in self.ranges.items()}
-
-    def generators(self, seed: int) -> dict[int, np.random.Generator]:
-        """Shard k's generator (one shard: the round's seed itself, as one process always drew)."""
-        return {k: np.random.default_rng(seed if self.num_shards == 1 else [seed, k]) for k in self.ranges}
+                             optimizer, world, item_pos)
 
 
 def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user: torch.Tensor,
                   student_item: torch.Tensor, student_projector: torch.nn.Module | None,
                   sampler: TrainSampler, cfg: Config, seed: int,
                   optimizer: torch.optim.Optimizer | None, world: World,
-                  item_pos: np.ndarray | None, shards: RoundShards) -> dict[str, float]:
+                  item_pos: np.ndarray | None) -> dict[str, float]:
     sc, pc = cfg.student, cfg.prompt
     flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
     for n, p in teacher.named_parameters():
@@ -87,19 +59,17 @@ def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user
     teacher.eval()
     teacher.prompt.train()
     opt = optimizer or torch.optim.Adam(teacher.prompt.parameters(), lr=pc.lr)
-    rngs = shards.generators(seed)
-    sizes = shards.batch_sizes(sc.batch_size, world)
+    all_pairs = float(world.all_reduce_sum(torch.tensor([float(sampler.n_pairs)], dtype=torch.float64)).item())
+    fraction = min(1.0, sc.batch_size / max(all_pairs, 1.0))
     s_user = student_user.detach()
     s_item = graph.gather_items(student_item.detach())[0]  # the whole item side, gathered order
-    n_batch = sum(sizes.values())
-    share = world.batch_share(n_batch)
     total = 0.0
     try:
         for step in range(pc.round_steps):
-            parts = [_draw(sampler, shards.ranges[k], sizes[k], sc.neg_sample_num, rngs[k]) for k in sorted(sizes)]
-            users_np = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            items_np = (np.concatenate([p[1] for p in parts]) if parts
-                        else np.zeros((0, 1 + sc.neg_sample_num), np.int64))
+            batch = sampler.round_batch(fraction, sc.neg_sample_num, seed, step)
+            users_np, items_np = batch.users, batch.items
+            n_batch = len(batch)
+            share = world.batch_share(n_batch)
             if item_pos is not None:
                 items_np = item_pos[items_np]
             users, items = torch.from_numpy(users_np), torch.from_numpy(items_np)
@@ -144,14 +114,3 @@ def _prompt_round(teacher: PromptMMTeacher, graph: GraphPropagator, student_user
             p.requires_grad_(flags[n])
         teacher.eval()
     return {"round_loss": total / max(pc.round_steps, 1), "steps": pc.round_steps}
-
-
-def _draw(sampler: TrainSampler, pairs: tuple[int, int], n: int, n_neg: int,
-          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """`n` of a shard's training pairs (uniform, with replacement) and `n_neg` negatives for each."""
-    start, stop = pairs
-    pick = start + rng.integers(0, stop - start, size=n) if n else np.zeros(0, np.int64)
-    users = sampler.pair_users[pick]
-    negs = sampler.sample_negatives(users, n_neg, rng)
-    return users, np.concatenate([sampler.pair_items[pick][:, None], negs], axis=1)
-

@@ -29,7 +29,7 @@ from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.config import Config, config_from_dict
 from promptmm_dist.data.dataset import InteractionData
 from promptmm_dist.data.sampling import SampleBatch, TrainSampler
-from promptmm_dist.distill.prompt_rounds import RoundShards, prompt_round
+from promptmm_dist.distill.prompt_rounds import prompt_round
 from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
 from promptmm_dist.train.steps import SoftRanking, gather_item_side, soft_ranking
 
@@ -206,7 +206,8 @@ class TeacherRank(ActorInfo):
                               {m: torch.from_numpy(h) for m, h in self._items["modal"].items()},
                               out.prompt_user, out.prompt_item)
         users = np.asarray(samples.users)
-        ranking = soft_ranking(items, self.rd.plan.local_user(users), np.asarray(samples.items))
+        ranking = soft_ranking(items, self.rd.plan.local_user(users), np.asarray(samples.items),
+                               step_ends=samples.step_ends)
         ranking.users = users
         return ranking
 
@@ -231,7 +232,7 @@ class TeacherRank(ActorInfo):
             projector = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             projector.weight.data.copy_(w)
         if self._sampler is None:
-            self._sampler, self._shards = self._round_sampler()
+            self._sampler = self._round_sampler()
         # this version's tables are done with (the blocks live in the object store): the round's
         # forwards with autograd need the room
         self._out = self._items = None
@@ -239,8 +240,7 @@ class TeacherRank(ActorInfo):
             warnings.simplefilter("ignore", UserWarning)
             s_user, s_item = torch.from_numpy(np.asarray(user)), torch.from_numpy(np.asarray(item))
         info = prompt_round(self.teacher, self.graph, s_user, s_item, projector, self._sampler, self.cfg, seed,
-                            optimizer=self._prompt_opt, world=self.world, item_pos=self.rd.plan.item_pos,
-                            shards=self._shards)
+                            optimizer=self._prompt_opt, world=self.world, item_pos=self.rd.plan.item_pos)
         state = {k: v.detach().clone() for k, v in self.teacher.prompt.state_dict().items()}
         self.version += 1
         self._rounds_from = self.version
@@ -248,19 +248,11 @@ class TeacherRank(ActorInfo):
         return {"state": state, "version": self.version, "round_s": time.perf_counter() - t0,
                 "optimizer": copy.deepcopy(self._prompt_opt.state_dict()), **info}
 
-    def _round_sampler(self) -> tuple[TrainSampler, RoundShards]:
-        """The training pairs of this rank's users, and which of them are each of its shards' (a
-        shard's users are consecutive local rows, and the sampler's pairs are sorted by row)."""
-        from promptmm_dist.partition.plan import rank_shards
+    def _round_sampler(self) -> TrainSampler:
+        """The training pairs of this rank's users (local rows, keyed by their global ids)."""
         from promptmm_dist.partition.setup import rank_train_rows
 
-        sampler = TrainSampler(rank_train_rows(self.rd).tocsr())
-        ranges = {}
-        for k in rank_shards(self.num_shards, self.rank, self.world_size):
-            rows = shard_rows(self.rd.plan, k)
-            ranges[k] = (int(np.searchsorted(sampler.pair_users, rows.start)),
-                         int(np.searchsorted(sampler.pair_users, rows.stop)))
-        return sampler, RoundShards(self.num_shards, ranges)
+        return TrainSampler(rank_train_rows(self.rd).tocsr(), row_ids=self.rd.users)
 
     def load_prompt(self, state: dict | None, version: int, optimizer: dict | None = None) -> int:
         """Adopt the prompt of a version made before (e.g. the one a lost group held); `state` None:

@@ -35,7 +35,8 @@ def rank_block(users: dict, items: dict, samples: SampleBatch, shard: int, num_s
         raise ValueError(f"shard {shard} of {num_shards}: samples hold users of other shards")
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes to them
         warnings.simplefilter("ignore", UserWarning)
-        ranking = soft_ranking(block_output(users, items), su // num_shards, np.asarray(samples.items))
+        ranking = soft_ranking(block_output(users, items), su // num_shards, np.asarray(samples.items),
+                               step_ends=samples.step_ends)
     ranking.users = SoftRanking.compact_ids(su, "users")
     return ranking
 

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from promptmm_dist.models.row_dropout import RowDropout
+
 from promptmm_dist.data.graph import row_normalized
 
 
@@ -71,9 +73,10 @@ class PromptModule(nn.Module):
     """
 
     def __init__(self, item_tokens: np.ndarray, train_csr: sp.csr_matrix, dropout: float = 0.1,
-                 items: np.ndarray | None = None) -> None:
+                 items: np.ndarray | None = None, users: np.ndarray | None = None) -> None:
         """`item_tokens`: all items' hard tokens (I, d); `train_csr`: the training rows of the users this
-        process holds (columns: all items); `items`: the items it holds (default: all)."""
+        process holds (columns: all items); `items`/`users`: the ids of the items/users it holds
+        (default: all; dropout masks are keyed by them)."""
         super().__init__()
         dim = item_tokens.shape[1]
         own = item_tokens if items is None else item_tokens[items]
@@ -81,14 +84,17 @@ class PromptModule(nn.Module):
         h_u = torch.from_numpy(np.asarray(row_normalized(train_csr) @ item_tokens, dtype=np.float32))
         self.register_buffer("user_tokens", h_u, persistent=False)
         self.register_buffer("item_tokens", h_i, persistent=False)
+        ids = lambda given, n: torch.as_tensor(np.arange(n) if given is None else np.asarray(given), dtype=torch.int64)  # noqa: E731
+        self.register_buffer("user_ids", ids(users, h_u.shape[0]), persistent=False)
+        self.register_buffer("item_ids", ids(items, h_i.shape[0]), persistent=False)
         self.user_linear = nn.Linear(dim, dim)
         self.item_linear = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = RowDropout(dropout)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_u (U, d), P_i (I, d))."""
-        return (self.dropout(self.user_linear(self.user_tokens)),
-                self.dropout(self.item_linear(self.item_tokens)))
+        return (self.dropout(self.user_linear(self.user_tokens), self.user_ids),
+                self.dropout(self.item_linear(self.item_tokens), self.item_ids))
 
     @staticmethod
     def feature_prompt(x: torch.Tensor, p_items: torch.Tensor, rate: float,

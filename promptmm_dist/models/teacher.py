@@ -14,6 +14,7 @@ from torch import nn
 from promptmm_dist.config import PromptConfig, TeacherConfig
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.models.prompt import PromptModule, l2norm
+from promptmm_dist.models.row_dropout import RowDropout
 
 
 @dataclass
@@ -48,7 +49,7 @@ class PromptMMTeacher(nn.Module):
         self.encoders = nn.ModuleDict({m: nn.Linear(x.shape[1], d) for m, x in features.items()})
         for enc in self.encoders.values():
             nn.init.xavier_uniform_(enc.weight)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = RowDropout(cfg.dropout)  # masks keyed by item id: the same on any rank
         self.prompt = prompt
         self.user_emb = nn.Embedding(n_users, d)
         self.item_emb = nn.Embedding(n_items, d)
@@ -66,8 +67,8 @@ class PromptMMTeacher(nn.Module):
         e_i = self.item_emb.weight + pc.soft_token_rate * l2norm(p_i)
         # modality encoders on prompted features; users start as the mean of their items
         f_items = [self.dropout(self.encoders[m](
-            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate, graph.sum_items)))
-            for m in self.modalities]
+            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate, graph.sum_items)),
+            self.prompt.item_ids) for m in self.modalities]
         f_i = torch.cat(f_items, dim=1)
         f_u = graph.user_item_mean(f_i)
         ego, modal = graph.layer_means([(torch.cat([e_u, e_i]), self.cfg.n_layers),

@@ -10,7 +10,7 @@ import torch
 
 from promptmm_dist.partition.operator import HALO_CHUNK_ROWS
 from promptmm_dist.partition.setup import setup_rank
-from promptmm_dist.partition.world import row_seeded_normal
+from promptmm_dist.train.world import row_seeded_normal
 
 
 def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, norm: str, exchange: str,
@@ -69,7 +69,7 @@ def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, 
     n_steps = steps_per_epoch(total_pairs, cfg.teacher.batch_size)
 
     def steps(epoch: int) -> list[SampleBatch]:
-        parts = [shards[k].epoch_samples(1, epoch_seed(cfg.seed, epoch, k)) for k in mine]
+        parts = [shards[k].epoch_samples(1, epoch_seed(cfg.seed, epoch), n_steps) for k in mine]
         return [SampleBatch(*rd.local_ids(b.users, b.items)) for b in join_steps(parts, n_steps)]
 
     result = fit_teacher(rd.local, cfg, teacher, graph, steps, total_pairs, world=world, log=lambda _: None)

@@ -106,6 +106,7 @@ def build_rank_teacher(rd: RankData, cfg: Config, token_cache: str | Path | None
         item_tokens = tokens()
     stats = feature_stats(rd) if cfg.teacher.feature_norm == "standardize" else None
     features = prepare_features(rd.features, cfg.teacher.feature_norm, stats)
-    teacher = assemble_teacher(cfg, rd.n_users, rd.n_items, features, item_tokens, rank_train_rows(rd), items=rd.items)
+    teacher = assemble_teacher(cfg, rd.n_users, rd.n_items, features, item_tokens, rank_train_rows(rd),
+                               items=rd.items, users=rd.users)
     rd.world.init_tables(teacher, cfg.seed)
     return teacher.to(rd.world.device)

@@ -12,20 +12,16 @@ The loops ask the world for three things besides rank and size, all no-ops in on
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from promptmm_dist.partition.exchange import COLLECTIVES, gather_rows
 from promptmm_dist.partition.plan import PartitionPlan
-from promptmm_dist.train.world import World, control_group, group_for
+from promptmm_dist.train.world import ROW_TABLES, World, control_group, group_for
 
 # parameter name -> which rows it has: what is sharded, not how the model uses it (TorchRec-style plan)
-SHARDED_TABLES = {"user_emb.weight": "user", "item_emb.weight": "item"}
-ROW_INIT_STD = 0.1  # both models draw their tables from N(0, 0.1^2)
-INIT_CHUNK = 4096
+SHARDED_TABLES = ROW_TABLES
 
 
 class PartitionedWorld(World):
@@ -107,14 +103,8 @@ class PartitionedWorld(World):
         return int(total.item()) + dense
 
     # ---- tables -------------------------------------------------------------------------------
-    def init_tables(self, model: torch.nn.Module, seed: int) -> None:
-        """Re-draw the sharded tables so every row's initial value depends on (seed, table, global id)
-        only: W ranks start from the same model as one process."""
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, kind in SHARDED_TABLES.items():
-                if name in params:
-                    params[name].copy_(row_seeded_normal(self.rows[kind], params[name].shape[1], seed, name))
+    def table_rows(self, kind: str, n: int) -> np.ndarray:
+        return self.rows[kind]
 
     def full_table(self, local: torch.Tensor, kind: str) -> torch.Tensor | None:
         """The whole table in global id order, on the CPU of rank 0 (None elsewhere). Collective; the
@@ -167,17 +157,3 @@ class PartitionedWorld(World):
             per_param[idx] = {k: (self.local_table(v, kind) if kind and torch.is_tensor(v) and v.dim() == 2 else v)
                               for k, v in entry.items()}
         return {"state": per_param, "param_groups": state["param_groups"]}
-
-
-def row_seeded_normal(ids: np.ndarray, dim: int, seed: int, table: str) -> torch.Tensor:
-    """N(0, ROW_INIT_STD^2) rows for global `ids`, each drawn from the generator of its id chunk."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = torch.empty((len(ids), dim), dtype=torch.float32)
-    chunk = ids // INIT_CHUNK
-    tag = int(hashlib.sha256(table.encode()).hexdigest()[:8], 16)
-    for c in np.unique(chunk):
-        where = np.flatnonzero(chunk == c)
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + tag * 7919 + int(c)) % (2**63 - 1))
-        block = torch.randn((INIT_CHUNK, dim), generator=gen) * ROW_INIT_STD
-        out[torch.from_numpy(where)] = block[torch.from_numpy(ids[where] % INIT_CHUNK)]
-    return out

@@ -44,8 +44,8 @@ class SoftRanking:
     modal_logits: dict[str, np.ndarray]
     fused_logits: np.ndarray
     margins: np.ndarray
-    # end row of each training step when several shards' rankings were joined step by step
-    # (`join_by_step`); None: cut evenly (`batch_bounds`)
+    # end row of each of the epoch's training steps (the samples' steps, `TrainSampler.epoch`, and
+    # several shards' rankings joined step by step, `join_by_step`); None: cut evenly (`batch_bounds`)
     step_ends: np.ndarray | None = None
 
     ID_DTYPE = np.int32  # class constant (no annotation: not a dataclass field)
@@ -71,10 +71,12 @@ class SoftRanking:
 
     def step_bounds(self, n_steps: int) -> list[tuple[int, int]]:
         """(start, stop) rows of each of the epoch's `n_steps` training steps."""
-        if self.step_ends is not None and len(self.step_ends) == n_steps:
-            ends = [int(e) for e in self.step_ends]
-            return list(zip([0] + ends[:-1], ends))
-        return batch_bounds(len(self), n_steps)
+        if self.step_ends is None:
+            return batch_bounds(len(self), n_steps)
+        if len(self.step_ends) != n_steps:
+            raise ValueError(f"SoftRanking: samples drawn in {len(self.step_ends)} steps, trained in {n_steps}")
+        ends = [int(e) for e in self.step_ends]
+        return list(zip([0] + ends[:-1], ends))
 
     def take(self, rows: np.ndarray) -> "SoftRanking":
         return SoftRanking(self.users[rows], self.items[rows], {m: v[rows] for m, v in self.modal_logits.items()},
@@ -114,13 +116,13 @@ def list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: torch.Ten
 
 @torch.no_grad()
 def join_by_step(parts: list["SoftRanking"], n_steps: int) -> "SoftRanking":
-    """Several shards' rankings on one rank: step t takes batch t of every shard's (already shuffled)
-    ranking, so the global batch of step t is the same set of samples however the shards are spread
-    over ranks (1 rank with N shards, or W ranks with N / W each). Rows come in step order."""
+    """Several shards' rankings on one rank: step t takes step t of every shard's ranking, so the
+    global batch of step t is the same set of samples however the shards are spread over ranks (1 rank
+    with N shards, or W ranks with N / W each). Rows come in step order."""
     if len(parts) == 1:
         return parts[0]
     starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
-    cuts = [batch_bounds(len(p), n_steps) for p in parts]
+    cuts = [p.step_bounds(n_steps) for p in parts]
     rows = [np.arange(start + cut[t][0], start + cut[t][1]) for t in range(n_steps) for start, cut in zip(starts, cuts)]
     joined = SoftRanking(np.concatenate([p.users for p in parts]), np.concatenate([p.items for p in parts]),
                          {m: np.concatenate([p.modal_logits[m] for p in parts]) for m in parts[0].modal_logits},
@@ -139,7 +141,7 @@ def frozen_list_logits(user_emb: torch.Tensor, item_emb: torch.Tensor, users: to
 
 
 def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
-                 chunk: int = 8192) -> SoftRanking:
+                 chunk: int = 8192, step_ends: np.ndarray | None = None) -> SoftRanking:
     """Teacher logits for every list entry, per modality and fused (teacher in eval mode). `chunk` rows
     at a time: the gathered item rows of a chunk (chunk x (1+N) x d floats) are its working memory, and
     each chunk's logits go straight into the float16 result (no float32 copy of the whole ranking)."""
@@ -155,7 +157,8 @@ def soft_ranking(out: TeacherOutput, users: np.ndarray, items: np.ndarray,
         fused[s:s + chunk] = f.cpu().numpy()
         for m in modal:
             modal[m][s:s + chunk] = frozen_list_logits(out.modal_user[m], out.modal_item[m], u, it).cpu().numpy()
-    return SoftRanking(users=users, items=items, modal_logits=modal, fused_logits=fused, margins=margins)
+    return SoftRanking(users=users, items=items, modal_logits=modal, fused_logits=fused, margins=margins,
+                       step_ends=step_ends)
 
 
 def gather_item_side(out: TeacherOutput, base_items: torch.Tensor | None, graph) -> tuple[TeacherOutput, torch.Tensor | None]:

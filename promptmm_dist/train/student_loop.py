@@ -94,6 +94,8 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
     stopper = EarlyStopper(patience=sc.patience, smooth_window=sc.smooth_window)
     loop = Resumable(stage, student, {"opt": opt}, stopper, extra=kd if kd_state is None else kd_state,
                      rank=world.rank, progress_dir=progress_dir, log=log, world=world)
+    if resume is None:  # every process starts torch's generator alike (resumes restore its state)
+        torch.manual_seed(cfg.seed)
     start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, sc.batch_size)
     t0 = time.perf_counter()

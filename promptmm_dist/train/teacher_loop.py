@@ -53,17 +53,20 @@ def prepare_features(features: dict[str, np.ndarray], how: str,
 def build_teacher(data: InteractionData, cfg: Config, cache_folder=None) -> PromptMMTeacher:
     """Teacher + prompt module for a whole dataset (hard tokens cached per dataset and size)."""
     tokens = cached_hard_tokens(data.features, cfg.teacher.embed_dim, cache_folder, data.manifest_sha256)
-    return assemble_teacher(cfg, data.n_users, data.n_items, prepare_features(data.features, cfg.teacher.feature_norm),
-                            tokens, data.train_csr)
+    teacher = assemble_teacher(cfg, data.n_users, data.n_items, prepare_features(data.features, cfg.teacher.feature_norm),
+                               tokens, data.train_csr)
+    World().init_tables(teacher, cfg.seed)  # rows drawn by id, as a partitioned rank draws its own
+    return teacher
 
 
 def assemble_teacher(cfg: Config, n_users: int, n_items: int, features: dict[str, np.ndarray],
-                     item_tokens: np.ndarray, train_rows, items: np.ndarray | None = None) -> PromptMMTeacher:
-    """The configured backbone over the rows a process holds: `n_users` users whose training rows are
-    `train_rows` (columns: all items), `n_items` items (`items`: which, default all) with their
-    (scaled) `features`; `item_tokens`: every item's hard tokens."""
+                     item_tokens: np.ndarray, train_rows, items: np.ndarray | None = None,
+                     users: np.ndarray | None = None) -> PromptMMTeacher:
+    """The configured backbone over the rows a process holds: `n_users` users (`users`: which, default
+    all) whose training rows are `train_rows` (columns: all items), `n_items` items (`items`: which,
+    default all) with their (scaled) `features`; `item_tokens`: every item's hard tokens."""
     torch.manual_seed(cfg.seed)
-    prompt = PromptModule(item_tokens, train_rows, dropout=cfg.prompt.prompt_dropout, items=items)
+    prompt = PromptModule(item_tokens, train_rows, dropout=cfg.prompt.prompt_dropout, items=items, users=users)
     if cfg.teacher.backbone not in TEACHERS:
         raise ConfigError(f"teacher.backbone {cfg.teacher.backbone!r}: unknown (known: {', '.join(TEACHERS)})")
     backbone = TEACHERS[cfg.teacher.backbone]
@@ -82,7 +85,13 @@ class StageResult:
 
 
 def split_steps(samples: SampleBatch, n_steps: int) -> list[SampleBatch]:
-    """Same number of steps on every rank (collectives must match)."""
+    """The epoch's steps: the ones the samples were drawn in, else `n_steps` even cuts. Same number of
+    steps on every rank (collectives must match)."""
+    if samples.step_ends is not None:
+        steps = samples.steps()
+        if len(steps) != n_steps:
+            raise ValueError(f"samples drawn in {len(steps)} steps, trained in {n_steps}")
+        return steps
     idx = np.array_split(np.arange(len(samples)), n_steps)
     return [SampleBatch(samples.users[i], samples.items[i]) for i in idx]
 
@@ -135,6 +144,8 @@ def fit_teacher(data: InteractionData, cfg: Config, teacher: PromptMMTeacher, gr
     stopper = EarlyStopper(patience=tc.patience)
     loop = Resumable("teacher", teacher, {"opt": opt}, stopper, rank=world.rank,
                      progress_dir=progress_dir, log=log, world=world)
+    if resume is None:  # dropout keys come from torch's generator: every process starts it alike
+        torch.manual_seed(cfg.seed)
     start, history, best_state, done = loop.restore(resume)
     n_steps = steps_per_epoch(total_pairs, tc.batch_size)
     t0 = time.perf_counter()

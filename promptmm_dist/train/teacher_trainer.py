@@ -24,12 +24,12 @@ __all__ = ["rank_shards", "shard_epoch_steps", "teacher_train_loop"]
 
 def shard_epoch_steps(shards: list, mine: list[int], n_neg: int, seed: int, epoch: int, n_steps: int,
                       rd: RankData | None = None) -> list[SampleBatch]:
-    """This rank's step batches: step t joins slice t of each of its shards' shuffled epoch samples, so
-    the global batch of step t (all ranks together) is the same set of samples for any number of ranks.
+    """This rank's step batches: step t joins step t of each of its shards' epoch samples, so the global
+    batch of step t (all ranks together) is the same set of samples for any number of ranks and shards.
     With `rd`, ids are turned into the rank's numbering (local user rows, gathered item positions)."""
     import ray
 
-    parts = ray.get([shards[k].epoch_samples.remote(n_neg, epoch_seed(seed, epoch, k)) for k in mine])
+    parts = ray.get([shards[k].epoch_samples.remote(n_neg, epoch_seed(seed, epoch), n_steps) for k in mine])
     steps = join_steps(parts, n_steps)
     return steps if rd is None else [SampleBatch(*rd.local_ids(b.users, b.items)) for b in steps]
 

@@ -13,12 +13,19 @@ process and on W ranks.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 _CONTROL_GROUPS: dict[int, object] = {}
+# parameter name -> which rows it has (the tables a partitioned world shards; every world draws their
+# initial rows by id, so one process and W ranks start from the same model)
+ROW_TABLES = {"user_emb.weight": "user", "item_emb.weight": "item"}
+ROW_INIT_STD = 0.1  # both models draw their tables from N(0, 0.1^2)
+INIT_CHUNK = 4096
 
 
 def control_group():
@@ -53,6 +60,20 @@ class World:
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group_for(t))
         return t
+
+    def table_rows(self, kind: str, n: int) -> np.ndarray:
+        """Global ids of the `n` rows of a `kind` ("user"/"item") table this process holds (all here)."""
+        return np.arange(n)
+
+    def init_tables(self, model: torch.nn.Module, seed: int) -> None:
+        """Re-draw the embedding tables so every row's initial value depends on (seed, table, global
+        id) only: one process and W ranks (each holding its rows) start from the same model."""
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, kind in ROW_TABLES.items():
+                if name in params:
+                    rows = self.table_rows(kind, params[name].shape[0])
+                    params[name].copy_(row_seeded_normal(rows, params[name].shape[1], seed, name).to(params[name].device))
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -89,3 +110,17 @@ class World:
 
     def local_optimizer_state(self, state: dict, names: dict[int, str]) -> dict:
         return state
+
+
+def row_seeded_normal(ids: np.ndarray, dim: int, seed: int, table: str) -> torch.Tensor:
+    """N(0, ROW_INIT_STD^2) rows for global `ids`, each drawn from the generator of its id chunk."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = torch.empty((len(ids), dim), dtype=torch.float32)
+    chunk = ids // INIT_CHUNK
+    tag = int(hashlib.sha256(table.encode()).hexdigest()[:8], 16)
+    for c in np.unique(chunk):
+        where = np.flatnonzero(chunk == c)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + tag * 7919 + int(c)) % (2**63 - 1))
+        block = torch.randn((INIT_CHUNK, dim), generator=gen) * ROW_INIT_STD
+        out[torch.from_numpy(where)] = block[torch.from_numpy(ids[where] % INIT_CHUNK)]
+    return out

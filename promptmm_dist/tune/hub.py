@@ -32,6 +32,7 @@ from promptmm_dist.config import config_from_dict
 from promptmm_dist.distill.cache import SoftRankingCache
 from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.run_io import write_json
+from promptmm_dist.tune import space as S
 
 NAMESPACE = "promptmm_tune"
 READY = "READY.json"  # written when a teacher folder is complete (resume reuses it)
@@ -55,7 +56,7 @@ class SharedTeacherCache:
     """
 
     def __init__(self, spec: dict, cfg_dict: dict, checkpoint: str, shards: list, seed: int, n_neg: int,
-                 keep_bytes: int, name: str) -> None:
+                 n_steps: int, keep_bytes: int, name: str) -> None:
         """`spec`: the dataset spec (`partition.setup.dataset_spec`): the teacher reads its files."""
         import ray
         import torch
@@ -68,6 +69,7 @@ class SharedTeacherCache:
         # after a prompt round come from each trial's own teacher group)
         self.worker = TeacherRank(spec, cfg_dict, checkpoint, len(shards))
         self.shards, self.seed, self.n_neg, self.keep_bytes, self.name = shards, seed, n_neg, keep_bytes, name
+        self.n_steps = n_steps
         self._lock = threading.Lock()  # bookkeeping
         self._compute = threading.Lock()  # the teacher (one forward, then gathers)
         with self._compute:
@@ -139,8 +141,8 @@ class SharedTeacherCache:
         import ray
 
         t0 = time.perf_counter()
-        samples = ray.get([s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch, k))
-                           for k, s in enumerate(self.shards)])
+        samples = ray.get([s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch), self.n_steps)
+                           for s in self.shards])
         with self._compute:
             rankings = [self.worker.soft_ranking(0, s) for s in samples]
         entry["refs"] = [ray.put(r) for r in rankings]  # this actor owns them
@@ -307,6 +309,7 @@ class TeacherHub:
                 actor = ray.remote(num_cpus=0, max_concurrency=32, **actor_options(cfg.dist))(SharedTeacherCache)
                 handle = actor.remote(self.shared["dataset"], cfg_dict, str(Path(rec["folder"]) / "teacher.pt"),
                                       self.shared["shards"], cfg.seed, cfg.student.neg_sample_num,
+                                      S.student_steps(cfg, self.shared["total_pairs"]),
                                       int(self.plan["cache_keep_mb"] * 2**20), key)
                 c = {"handle": handle, "sig": sig, "live": set(), "used": time.monotonic(), "trials": 0}
                 self._caches[key] = c

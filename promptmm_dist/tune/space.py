@@ -249,9 +249,18 @@ def teacher_signature(cfg: Config, dataset_sha: str | None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def student_steps(cfg: Config, total_pairs: int) -> int:
+    """The student's training steps per epoch: how an epoch's samples are drawn (a cache is shared by
+    trials whose draws are the same)."""
+    from promptmm_dist.train.teacher_loop import steps_per_epoch
+
+    return steps_per_epoch(total_pairs, cfg.student.batch_size)
+
+
 def cache_key(cfg: Config, signature: str) -> str:
-    """Version-0 soft rankings are a function of the teacher, the seed, the shards and N negatives."""
-    return f"{signature}-neg{cfg.student.neg_sample_num}"
+    """Version-0 soft rankings are a function of the teacher, the seed, N negatives and the student's
+    batch size (which step each sample is drawn in)."""
+    return f"{signature}-neg{cfg.student.neg_sample_num}-batch{cfg.student.batch_size}"
 
 
 # --------------------------------------------------------------------------------- sampling

@@ -167,13 +167,15 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
             norms |= set(spec["choice"])
     adj_refs = {n: [ray.put(normalized_adjacency(data.train_csr, n))] for n in norms}
     name = hub_name(out)
+    total_pairs = int(sum(i["train_pairs"] for i in info))
     hub = ray.remote(num_cpus=0, max_concurrency=64)(TeacherHub).options(
-        name=name, namespace=NAMESPACE).remote([data_ref], {"shards": shards, "adj_refs": adj_refs, "dataset": dataset},
+        name=name, namespace=NAMESPACE).remote([data_ref], {"shards": shards, "adj_refs": adj_refs, "dataset": dataset,
+                                                            "total_pairs": total_pairs},
                                                str(out / "teachers"), plan)
     ray.get(hub.info.remote())
     spec = {"hub": name, "plan": plan, "pool": pool, "base": base.to_dict(), "manifest": data.manifest_sha256,
             "folder": str(out), "data": [data_ref], "shards": shards, "adj_refs": adj_refs, "dataset": dataset,
-            "total_pairs": int(sum(i["train_pairs"] for i in info))}
+            "total_pairs": total_pairs}
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": TRIAL_CPU})
     point = S.default_point(space, pool, base) if space.options["include_default"] else None
     try:

@@ -81,6 +81,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     opts = ray_setup.actor_options(cfg.dist)
     worker_cls = ray.remote(num_cpus=0, **opts)(TeacherWorker)
     n_ranks = max(cfg.dist.num_workers, 1)
+    n_steps = S.student_steps(cfg, spec["total_pairs"])
 
     def make_teacher():
         group = TeacherGroup(spec["dataset"], cfg_dict, ckpt, len(spec["shards"]), n_ranks, num_cpus=0,
@@ -90,7 +91,7 @@ def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     producer = SharedCacheProducer(
         shared_cache, trial, make_teacher,
         spec["shards"], None, [], directory, n_ranks, cfg.student.epochs, cfg.seed, cfg.student.neg_sample_num,
-        cfg.prompt.refresh_epochs, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
+        cfg.prompt.refresh_epochs, n_steps, log=log, timeout_s=cfg.dist.actor_timeout_s).start()
     loop_config = {"cfg": cfg_dict, "dataset": spec["dataset"],
                    "total_pairs": spec["total_pairs"], "threads": ray_setup.torch_threads(plan["cpus_per_worker"]),
                    "token_cache": str(hard_token_dir()), "num_shards": len(spec["shards"]),
