@@ -37,13 +37,10 @@ from promptmm_dist.distill.local_kd import epoch_seed
 from promptmm_dist.distill.teacher_model import PromptState
 from promptmm_dist.errors import RunFailed
 from promptmm_dist.train.steps import SoftRanking, join_by_step
+from promptmm_dist.train.student_loop import TrainingEnded
 
 POLL_S = 1.0  # the producer's directory polls (it also serves recompute requests between them)
 MAX_ASKS = 4  # a rank re-asks for an epoch whose refs were lost at most this often
-
-
-class TrainingEnded(Exception):
-    """Raised on every rank at the same epoch when the directory was asked to end training early."""
 
 
 class CacheFailed(RunFailed):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from promptmm_dist.config import config_from_dict
-from promptmm_dist.distill.cache import RayCacheKD, TrainingEnded
+from promptmm_dist.distill.cache import RayCacheKD
 from promptmm_dist.distill.teacher_model import rows_from_blocks
 from promptmm_dist.models.student import MODELS
 from promptmm_dist.partition.plan import rank_shards
@@ -97,12 +97,11 @@ def student_train_loop(config: dict) -> None:
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)
-    try:
-        result = fit_student(rd.local, cfg, student, graph, kd, config["total_pairs"], world=world,
-                             report=report, log=worker_log, resume=resume,
-                             progress_dir=config.get("progress_dir"), kd_state=CacheVersion(cache))
-    except TrainingEnded:
-        return  # tune stopped the trial: the last epoch's checkpoint is already reported
+    # a trial that Tune's scheduler stops ends here too, with its best weights so far: its closing
+    # metrics are the ranks' as well (the sweep's driver evaluates nothing itself)
+    result = fit_student(rd.local, cfg, student, graph, kd, config["total_pairs"], world=world,
+                         report=report, log=worker_log, resume=resume,
+                         progress_dir=config.get("progress_dir"), kd_state=CacheVersion(cache))
     with torch.no_grad():  # `fit_student` left the selected weights loaded, in eval mode
         user, item = student(graph)
         metrics = closing_metrics(Validator(rd.local, world), user, graph.gather_items(item)[0])

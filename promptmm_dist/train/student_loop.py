@@ -24,6 +24,11 @@ from promptmm_dist.train.validation import Validator
 from promptmm_dist.train.world import World
 
 
+class TrainingEnded(Exception):
+    """Raised by a KD source on every rank at the same epoch when training must end early (a Tune
+    scheduler stopped the trial): the stage then ends as early stopping does, with the best weights."""
+
+
 class KDSource(Protocol):
     """Where a rank's epoch samples (and the teacher's view of them) come from."""
 
@@ -102,7 +107,12 @@ def fit_student(data: InteractionData, cfg: Config, student: LightGCN, graph: Gr
     for epoch in range(start, 0 if done else sc.epochs):
         loop.begin_epoch(epoch)
         te = time.perf_counter()
-        sums, wait_s = train_epoch(student, module, graph, kd, epoch, opt, sc, n_steps, world, stage)
+        try:
+            sums, wait_s = train_epoch(student, module, graph, kd, epoch, opt, sc, n_steps, world, stage)
+        except TrainingEnded:
+            if world.is_main:
+                log(f"{stage}: training ended before epoch {epoch} (the scheduler stopped the run)")
+            break
         row = {"epoch": epoch, **{f"loss_{k}": v for k, v in sums.items()},
                "train_s": time.perf_counter() - te, "kd_wait_s": wait_s}
         student.eval()

@@ -2,7 +2,7 @@
 
 `TeacherHub` (one per sweep, created and owned by the sweep driver, found by name) trains each
 distinct teacher once (trials with the same teacher-stage signature wait for the first) and owns one
-`SharedTeacherCache` per (teacher, negatives) that produces the version-0 soft rankings of every epoch
+`SharedTeacherCache` per (teacher, negatives, student batch size) that produces the version-0 soft rankings of every epoch
 once and serves the same object-store refs to every trial. Both are owned by the driver, so a trial
 that ends (or is stopped by ASHA) never takes a shared teacher or cache down with it.
 
@@ -209,17 +209,16 @@ class SharedTeacherCache:
 class TeacherHub:
     """Trains each distinct teacher once and hands out the shared caches (see module docstring)."""
 
-    def __init__(self, data_box: list, shared: dict, folder: str, plan: dict) -> None:
+    def __init__(self, info, shared: dict, folder: str, plan: dict) -> None:
+        """`info`: the dataset's identity and sizes (`DatasetInfo`: no rows); `shared`: {"shards",
+        "dataset" (its spec: the files every rank reads), "total_pairs"}."""
         import os
-
-        import ray
 
         for k, v in TRAIN_START_ENV.items():
             os.environ.setdefault(k, v)
 
-        self.data_ref = data_box[0]
-        self.data = ray.get(self.data_ref)
-        self.shared = shared  # {"shards": [...], "adj_refs": {norm: [ref]}, "dataset": spec}
+        self.data = info
+        self.shared = shared
         self.folder = Path(folder)
         self.plan = plan
         self._lock = threading.Lock()

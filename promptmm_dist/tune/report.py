@@ -1,8 +1,9 @@
 """Sweep outputs: trials.csv, best_config.yaml, summary.md, plots/*.png and metrics.json.
 
 Selection is on validation only: the best trial has the highest validation recall@20 (ties: NDCG@20);
-its best-epoch checkpoint is then evaluated once on test. The base configuration's trial, when the
-sweep ran it, is evaluated the same way for comparison.
+only its test metrics are reported (every trial's Train ranks evaluate its best-epoch weights at
+its end, each on its own users; the driver reads them and holds no data). The base configuration's
+trial, when the sweep ran it, is reported the same way for comparison.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from promptmm_dist.config import Config
 from promptmm_dist.tune import space as S
+from promptmm_dist.train.validation import CLOSING_FILE
 from promptmm_dist.tune.trial import DONE, METRIC
 
 PLOT_KEYS = ("student.tau", "prompt.soft_token_rate", "prompt.feat_soft_token_rate", "prompt.prompt_dropout")
@@ -113,54 +114,38 @@ def select_best(rows: list[dict]) -> dict | None:
 
 # ------------------------------------------------------------------------------------ evaluation
 
-def evaluate_checkpoint(folder: str | Path, cfg: Config, data, shards) -> tuple[dict[str, dict], tuple]:
-    """Full-ranking val + test metrics of a student checkpoint, users split across the shard actors."""
-    import ray
-    import torch
-
-    from promptmm_dist.data.graph import GraphPropagator
-    from promptmm_dist.eval.metrics import add_sums, finalize
-    from promptmm_dist.models.student import LightGCN
-    from promptmm_dist.run_io import load_state
-
-    student = LightGCN(data.n_users, data.n_items, cfg.student.embed_dim, cfg.student.n_layers,
-                       teacher_dim=cfg.teacher.embed_dim)
-    student.load_state_dict(load_state(Path(folder) / "student.pt"))
-    student.eval()
-    with torch.no_grad():
-        user, item = student(GraphPropagator.from_train(data.train_csr, cfg.student.norm))
-    emb = ray.put((user.numpy(), item.numpy()))
-    out = {}
-    for split in ("val", "test"):
-        out[split] = finalize(*add_sums(ray.get([s.evaluate_sums.remote(emb, split) for s in shards])))
-    return out, (user.numpy(), item.numpy())
+def trial_closing(folder: str | Path) -> dict | None:
+    """The val + test metrics of a trial's selected (best validation) student, which its Train ranks
+    computed at the end of the trial, each on its own users, into the last checkpoint; None when the
+    trial never got there (killed, or failed)."""
+    path = Path(folder) / CLOSING_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _evaluate_row(row: dict, base: Config, data, shards, dest: Path | None) -> dict | None:
-    if not row.get("_checkpoint") or not Path(row["_checkpoint"]).exists():
-        log(f"tune: no checkpoint for trial {row['trial_id']}; cannot evaluate it on test")
+def _evaluate_row(row: dict, dest: Path | None) -> dict | None:
+    """The selected trial's test metrics (read, never recomputed here: the driver holds no data)."""
+    closing = trial_closing(row["_checkpoint"]) if row.get("_checkpoint") else None
+    if closing is None:
+        log(f"tune: trial {row['trial_id']} left no closing metrics (no finished checkpoint); cannot report its test metrics")
         return None
-    cfg = S.apply_overrides(base.to_dict(), row["_overrides"])
-    metrics, (user, item) = evaluate_checkpoint(row["_checkpoint"], cfg, data, shards)
-    if dest is not None:
+    if dest is not None:  # the selected student, ready to serve (export.npz: its ranks' tables)
         dest.mkdir(parents=True, exist_ok=True)
         for f in Path(row["_checkpoint"]).iterdir():
             if f.is_file():
                 shutil.copy2(f, dest / f.name)
-        np.savez(dest / "export.npz", user=user, item=item)
-    return {"trial_id": row["trial_id"], "val": metrics["val"], "test": metrics["test"],
+    return {"trial_id": row["trial_id"], "val": closing["val"], "test": closing["test"],
             "best_epoch": row["best_epoch"], "epochs_run": row["epochs_run"], "stop_reason": row["stop_reason"],
             "config": row["_overrides"], "teacher": row["teacher"]}
 
 
 # --------------------------------------------------------------------------------------- outputs
 
-def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Config, data, shards,
-                  adj_refs, hub_stats: dict, point: dict | None, plan: dict, state: dict, wall_s: float) -> dict:
+def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Config, manifest: str,
+                  hub_stats: dict, point: dict | None, plan: dict, state: dict, wall_s: float) -> dict:
     import pandas as pd
 
     keys = list(dict.fromkeys(space.student_keys + space.teacher_keys))
-    rows = collect_trials(out, results, pool, base, keys, data.manifest_sha256)
+    rows = collect_trials(out, results, pool, base, keys, manifest)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     pd.DataFrame(public).to_csv(out / "trials.csv", index=False)
     best = select_best(rows)
@@ -174,13 +159,13 @@ def write_reports(out: Path, results, space: S.SearchSpace, pool: list, base: Co
                   f"best epoch {best['best_epoch']})\n# searched: " + ", ".join(
                       f"{k}={_fmt(best['_overrides'].get(k))}" for k in keys) + "\n")
         (out / "best_config.yaml").write_text(header + best_cfg.to_yaml())
-        metrics["best"] = _evaluate_row(best, base, data, shards, out / "best" / "student")
+        metrics["best"] = _evaluate_row(best, out / "best" / "student")
         default_row = None
         if point is not None:
             default_row = next((r for r in rows if all(r["_config"].get(k) == v for k, v in point.items())), None)
         if default_row is not None:
             metrics["default"] = (metrics["best"] if default_row is best
-                                  else _evaluate_row(default_row, base, data, shards, None))
+                                  else _evaluate_row(default_row, None))
     teachers = teacher_summary(hub_stats, rows, out / "teachers")
     cache = _accumulate(out / "teachers" / "cache_runs.json", cache_summary(hub_stats))
     n_asha = sum(r["stop_reason"] == "asha" for r in rows)

@@ -117,8 +117,8 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
     import ray
     from ray import tune
 
-    from promptmm_dist.data.formats import load_dataset
-    from promptmm_dist.data.graph import normalized_adjacency
+    from promptmm_dist.data.dataset import DatasetInfo
+    from promptmm_dist.data.formats import canonical_info, load_dataset
     from promptmm_dist.data.shards import make_shard_actors
     from promptmm_dist.partition.setup import dataset_spec
 
@@ -137,7 +137,9 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
         pool, num_samples, scheduler_name = state["pool"], int(state["num_samples"]), state["scheduler"]
     base.out = str(out)
     (out / "config.yaml").write_text(base.to_yaml())
-    data = load_dataset(base.data.path, base.data.format, base.data.modalities)
+    # a prepared folder is known by its manifest alone; another source is prepared once (then dropped)
+    data = (canonical_info(base.data.path, base.data.modalities) if base.data.format in ("auto", "canonical")
+            else None) or load_dataset(base.data.path, base.data.format, base.data.modalities)
 
     resources = ray.cluster_resources()
     plan = plan_resources(base, float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)),
@@ -154,28 +156,21 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
         f"search space {space.source}: {', '.join(space.student_keys + space.teacher_keys)}"
         + (f"; teacher-stage keys from a pool of {len(pool)} settings" if pool else ""))
 
-    # shared once by every trial: shard actors, data and graph in the object store, the hub
+    # shared once by every trial: the shard actors and the hub. The driver keeps the data's identity
+    # and sizes only: shards, ranks and teacher ranks read the canonical files themselves
     dataset = dataset_spec(data, base.data.path, out)
+    data = DatasetInfo(data.name, data.n_users, data.n_items, list(data.modalities), data.manifest_sha256)
     parquet = Path(dataset["dir"]) / "interactions.parquet"
     shards = make_shard_actors(parquet, base.dist.num_shards, data.n_users, data.n_items, cpus=0)
     info = ray.get([s.info.remote() for s in shards])
-    data_ref = ray.put(data)
-    norms = {base.teacher.norm, base.student.norm}
-    for key in ("teacher.norm", "student.norm"):
-        spec = space.params.get(key)
-        if isinstance(spec, dict) and "choice" in spec:
-            norms |= set(spec["choice"])
-    adj_refs = {n: [ray.put(normalized_adjacency(data.train_csr, n))] for n in norms}
     name = hub_name(out)
     total_pairs = int(sum(i["train_pairs"] for i in info))
     hub = ray.remote(num_cpus=0, max_concurrency=64)(TeacherHub).options(
-        name=name, namespace=NAMESPACE).remote([data_ref], {"shards": shards, "adj_refs": adj_refs, "dataset": dataset,
-                                                            "total_pairs": total_pairs},
+        name=name, namespace=NAMESPACE).remote(data, {"shards": shards, "dataset": dataset, "total_pairs": total_pairs},
                                                str(out / "teachers"), plan)
     ray.get(hub.info.remote())
     spec = {"hub": name, "plan": plan, "pool": pool, "base": base.to_dict(), "manifest": data.manifest_sha256,
-            "folder": str(out), "data": [data_ref], "shards": shards, "adj_refs": adj_refs, "dataset": dataset,
-            "total_pairs": total_pairs}
+            "folder": str(out), "shards": shards, "dataset": dataset, "total_pairs": total_pairs}
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": TRIAL_CPU})
     point = S.default_point(space, pool, base) if space.options["include_default"] else None
     try:
@@ -184,7 +179,7 @@ def _sweep(args, cfg: Config, out: Path, space: S.SearchSpace, state: dict | Non
         ray.get(hub.shutdown.remote())
         from promptmm_dist.tune import report
 
-        metrics = report.write_reports(out, results, space, pool, base, data, shards, adj_refs, hub_stats,
+        metrics = report.write_reports(out, results, space, pool, base, data.manifest_sha256, hub_stats,
                                        point, plan, state, time.perf_counter() - t0)
     finally:
         ray.kill(hub)
