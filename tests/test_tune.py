@@ -203,6 +203,15 @@ def test_asha_sweep_on_real_subset_shares_one_teacher(ray_session, tiktok_path, 
     assert all(r["stop_reason"] in ("", "asha", "patience") for r in rows)
     default = next(r for r in rows if r["trial_id"] == metrics["default"]["trial_id"])
     assert default["stop_reason"] != "asha"  # the baseline always trains to the end
+    # every trial, one the scheduler stopped included, ends with its ranks' evaluation of its best
+    # weights (what the report reads: the driver evaluates nothing)
+    from promptmm_dist.tune.report import trial_closing
+    from promptmm_dist.tune.trial import DONE
+
+    for r in rows:
+        closing = trial_closing(json.loads((out / "trials" / r["trial_id"] / DONE).read_text())["checkpoint"])
+        assert closing is not None, r["trial_id"]
+        assert closing["val"]["recall@20"] == pytest.approx(float(r["val_recall@20"]), abs=1e-6), r["trial_id"]
 
 
 @pytest.mark.slow
