@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override for every row")
     ap.add_argument("--recipe", default=None, help="recipe for every row (default: the packaged one named "
                                                    "like --dataset; 'none' for the plain defaults)")
+    ap.add_argument("--name", default=None, help="result file stem under bench/results/ (default results_<dataset>)")
     ap.add_argument("--teacher", default=None, help="reuse this trained teacher run folder (its config must "
                                                     "match the recipe) instead of training one")
     args = ap.parse_args()
@@ -195,7 +196,7 @@ def main() -> None:
               f"{time.perf_counter() - t0:.0f}s wall ({reused} of {len(results)} runs read back from earlier invocations)")
     if args.set:
         table += f"\n\noverrides for every row: {' '.join(args.set)}"
-    emit(f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results, "overrides": args.set,
+    emit(args.name or f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results, "overrides": args.set,
                                      "student_gain_over_lightgcn": gain}, table)
 
 

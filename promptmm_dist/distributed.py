@@ -24,12 +24,12 @@ from promptmm_dist.distill.teacher_group import TeacherGroup
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.partition.setup import dataset_spec
 from promptmm_dist.paths import hard_token_dir
-from promptmm_dist.run_io import load_state, write_json
+from promptmm_dist.run_io import write_json
 from promptmm_dist.train.teacher_loop import steps_per_epoch
 from promptmm_dist.train.validation import CLOSING_FILE
 from promptmm_dist import ray_setup
-from promptmm_dist.run_resume import (StageRun, latest_resume, load_prompt, ray_loop_config, ray_storage,
-                                      save_prompt, stage_fingerprint)
+from promptmm_dist.run_resume import (StageRun, checkpoint_sha256, latest_resume, load_prompt, ray_loop_config,
+                                      ray_storage, save_prompt, stage_fingerprint)
 
 
 def log(msg: str) -> None:
@@ -162,7 +162,7 @@ class DistributedRun:
         teacher_folder = adopt_teacher_settings(cfg, teacher_folder, self.data.manifest_sha256)
         ckpt = str((teacher_folder / "teacher.pt").resolve())
         stage = self._stage("student", stage_fingerprint(cfg, "student", self.data.manifest_sha256,
-                                                          load_state(Path(ckpt))))
+                                                          teacher_sha256=checkpoint_sha256(Path(ckpt))))
         if stage.finished:  # a rerun into the same --out: same inputs and teacher, so the same student
             log(f"student: reusing the finished stage in {stage.folder}")
             self.placement["student"] = _rank_placement(stage.folder)

@@ -18,6 +18,7 @@ from promptmm_dist.run_io import write_history, write_json
 
 if TYPE_CHECKING:
     from promptmm_dist.train.state import LoopState
+    import torch
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
 # the stage's frozen teacher (all its ranks together: a forward per cache version, prompt rounds) and
@@ -263,12 +264,14 @@ def quiet_train_reports() -> None:
 
 def make_reporter(files: Callable[[Path, "LoopState"], None], rank: int,
                   mirror: str | None = None, initial: "LoopState | None" = None) -> Callable[[dict, object], None]:
-    """Report every epoch from every rank (Train requires equal counts); rank 0 attaches a
-    checkpoint every epoch: `files(folder, state)` writes the best weights so far (what the driver
-    takes at the end) and the reporter adds the resume state (`resume.pt`, the latest epoch, read back
-    by `ray.train.get_checkpoint()` after a worker-group restart or a rerun) and the history.
+    """Report every epoch from every rank (Train requires equal counts) with a checkpoint: rank 0's
+    alone, or every rank's when the state is in row pieces (Train merges the ranks' files into one
+    checkpoint folder): `files(folder, state)` writes the best weights so far (what the driver takes
+    at the end) and the reporter adds the resume state (`resume.pt` and the rank's row piece, the
+    latest epoch, read back by `ray.train.get_checkpoint()` after a worker-group restart or a rerun)
+    and, on rank 0, the history.
     A final row (`final`) without a state reuses the last epoch's (`initial`: the state resumed
-    from, for a rerun that has no epoch left to run). `mirror`: a folder where rank 0
+    from, for a rerun that has no epoch left to run). `mirror`: a folder where rank 0 (and each rank its piece)
     also keeps the latest resume.pt (the run folder: Train local mode keeps no checkpoint across a
     driver restart, and the driver reads the epoch to restart the KD cache at from it).
 
@@ -288,12 +291,13 @@ def make_reporter(files: Callable[[Path, "LoopState"], None], rank: int,
         metrics = flat_metrics(row)
         state = state if state is not None else last[0]
         last[0] = state
-        if state is not None and rank == 0:
+        if state is not None and (rank == 0 or state.pieces is not None):
             folder = tempfile.mkdtemp(prefix=STAGING_PREFIX)
             files(Path(folder), state)
             state.save(Path(folder))
-            write_json(Path(folder) / "epoch.json", metrics)
-            write_history(Path(folder) / "history.jsonl", state.history)
+            if rank == 0:
+                write_json(Path(folder) / "epoch.json", metrics)
+                write_history(Path(folder) / "history.jsonl", state.history)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              delete_local_checkpoint_after_upload=True)
             if mirror:

@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from promptmm_dist.config import Config
+from promptmm_dist.train.row_pieces import PIECES_KEY, RowPiece, atomic_save, read_rows
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -30,18 +32,43 @@ def write_history(path: Path, history: list[dict]) -> None:
             fh.write(json.dumps(row, default=float) + "\n")
 
 
-def save_checkpoint(folder: Path, name: str, state: dict, cfg: Config, meta: dict) -> Path:
-    """`<name>.pt` (state dict only: weights, no pickled objects) + config.yaml + meta.json."""
+def save_checkpoint(folder: Path, name: str, state: dict, cfg: Config, meta: dict,
+                    piece: RowPiece | None = None) -> Path:
+    """`<name>.pt` (state dict only: weights, no pickled objects) + config.yaml + meta.json.
+    With `piece` (a partitioned rank's rows of the sharded tables) every rank writes its piece and
+    rank 0 the dense rest with the pieces' marker (train.row_pieces): no rank holds a whole table."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".pt.tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"{name}.pt")
+    if piece is not None:
+        piece.write(folder, name)
+        if piece.rank != 0:
+            return folder / f"{name}.pt"
+        state = {**state, PIECES_KEY: piece.marker()}
+    atomic_save(state, folder / f"{name}.pt")
     (folder / "config.yaml").write_text(cfg.to_yaml())
     write_json(folder / "meta.json", meta)
     return folder / f"{name}.pt"
 
 
 def load_state(path: Path) -> dict:
-    """Tensors only (`weights_only=True`): a checkpoint is never unpickled as arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The whole state dict (row pieces assembled); tensors only (`weights_only=True`): a checkpoint
+    is never unpickled as arbitrary objects."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mark = state.pop(PIECES_KEY, None)
+    if mark is not None:
+        state.update(read_rows(path.parent, path.stem, mark))
+    return state
+
+
+def load_rows_of(path: Path, want: dict[str, np.ndarray], tables: dict[str, str]) -> dict:
+    """The state dict with only the rows `want[kind]` of its sharded tables (`tables`: parameter ->
+    kind): read from the row pieces, or memory-mapped out of a whole checkpoint (only those rows are
+    read either way)."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    mark = state.pop(PIECES_KEY, None)
+    if mark is not None:
+        state.update(read_rows(path.parent, path.stem, mark, want))
+        return state
+    return {k: (v[torch.from_numpy(np.asarray(want[tables[k]], dtype=np.int64))].clone() if k in tables else v)
+            for k, v in state.items()}

@@ -21,6 +21,7 @@ import torch
 
 from promptmm_dist.config import Config
 from promptmm_dist.run_io import write_json
+from promptmm_dist.train.row_pieces import PIECES_KEY, piece_path
 from promptmm_dist.train.state import RESUME_FILE, LoopState
 
 STAGE_FILE = "stage.json"
@@ -37,7 +38,22 @@ def state_sha256(state: dict) -> str:
     return h.hexdigest()
 
 
-def stage_fingerprint(cfg: Config, stage: str, manifest: str | None, teacher_state: dict | None = None) -> dict:
+def checkpoint_sha256(path: Path) -> str:
+    """Hash of a checkpoint's files (its .pt and its row pieces), streamed: the Ray driver identifies
+    the teacher a student is distilled from without loading its tables."""
+    path = Path(path)
+    mark = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(PIECES_KEY)
+    files = [path] + ([piece_path(path.parent, path.stem, r) for r in range(mark["n"])] if mark else [])
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stage_fingerprint(cfg: Config, stage: str, manifest: str | None, teacher_state: dict | None = None,
+                      teacher_sha256: str | None = None) -> dict:
     d = cfg.to_dict()
     fp = {"seed": d["seed"], "data": {k: v for k, v in d["data"].items() if k != "path"},
           "manifest_sha256": manifest,
@@ -47,6 +63,8 @@ def stage_fingerprint(cfg: Config, stage: str, manifest: str | None, teacher_sta
         fp[section] = d[section]
     if teacher_state is not None:
         fp["teacher_sha256"] = state_sha256(teacher_state)
+    if teacher_sha256 is not None:
+        fp["teacher_sha256"] = teacher_sha256
     return json.loads(json.dumps(fp, default=str))
 
 
@@ -164,7 +182,7 @@ def latest_resume(stage: StageRun) -> tuple[LoopState | None, Path | None]:
     best: tuple[LoopState | None, Path | None] = (None, None)
     for path in candidates:
         state = _load_any(path) if path.exists() else None
-        if state is not None and (best[0] is None or state.next_epoch > best[0].next_epoch):
+        if state is not None and state.complete() and (best[0] is None or state.next_epoch > best[0].next_epoch):
             best = (state, path)
     return best
 

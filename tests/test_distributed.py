@@ -19,6 +19,7 @@ from promptmm_dist.distill.teacher_group import TeacherGroup
 from promptmm_dist.distill.teacher_workers import TeacherWorker
 from promptmm_dist.distributed import run_distributed
 from promptmm_dist.pipeline import teacher_stage
+from promptmm_dist.run_io import load_state
 from promptmm_dist.train.steps import soft_ranking
 from tests.helpers import tiny_config, tiny_data
 
@@ -350,8 +351,12 @@ def test_two_partitioned_train_workers_train_the_same_model_as_one(tiktok_path, 
                     assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (stage, a["epoch"], k)
             assert b["val"]["recall@20"] == pytest.approx(a["val"]["recall@20"], abs=1e-6), (stage, a["epoch"])
         assert m2[stage]["test"]["recall@20"] == pytest.approx(m1[stage]["test"]["recall@20"], abs=1e-6)
-    s1 = torch.load(out1 / "student" / "student.pt", weights_only=True)
-    s2 = torch.load(out2 / "student" / "student.pt", weights_only=True)
-    for k in ("user_emb.weight", "item_emb.weight"):
-        assert torch.allclose(s1[k], s2[k], atol=1e-4), k
+    for stage in ("teacher", "student"):  # checkpoints in row pieces, one per rank, assembled alike
+        dense = torch.load(out2 / stage / f"{stage}.pt", weights_only=True)
+        assert "user_emb.weight" not in dense and dense["__row_pieces__"]["n"] == 2
+        assert all((out2 / stage / f"{name}.rows{r}.pt").exists() for r in range(2) for name in (stage, "resume"))
+        s1, s2 = load_state(out1 / stage / f"{stage}.pt"), load_state(out2 / stage / f"{stage}.pt")
+        assert set(s1) == set(s2)
+        for k in ("user_emb.weight", "item_emb.weight"):
+            assert torch.allclose(s1[k], s2[k], atol=1e-4), (stage, k)
     assert len(m2["student"]["prompt_rounds"]) == 2

@@ -87,8 +87,12 @@ def student_train_loop(config: dict) -> None:
     closing: dict = {}  # the selected student's metrics and serving tables, once training ended
 
     def files(folder: Path, state: LoopState) -> None:
-        save_checkpoint(folder, "student", state.best if state.best is not None else state.model, cfg,
-                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
+        """Every rank: its piece of student.pt (the selected weights); rank 0 also the rest."""
+        weights, piece = state.weights()
+        save_checkpoint(folder, "student", weights, cfg,
+                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]}, piece=piece)
+        if not world.is_main:
+            return
         write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
         if closing:
             user, item = closing["export"]

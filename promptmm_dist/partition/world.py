@@ -7,7 +7,9 @@ The loops ask the world for three things besides rank and size, all no-ops in on
   are sharded: their rows already received every rank's gradient through the exchanges' backward, so
   they are never all-reduced (no dense (U+I) x d gradient traffic);
 - `reduce_sums(d)`: a dict of per-rank partial sums summed over ranks (loss parts).
-`full_table`/`local_table` turn a sharded table into whole rows (checkpoints, on rank 0) and back.
+`full_table` makes a sharded table whole on rank 0 (the serving export); `local_table` takes a rank's
+rows out of a whole one (a whole checkpoint resumed on W ranks). Checkpoints themselves are written in
+row pieces, one per rank (train.row_pieces).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class PartitionedWorld(World):
 
     def full_table(self, local: torch.Tensor, kind: str) -> torch.Tensor | None:
         """The whole table in global id order, on the CPU of rank 0 (None elsewhere). Collective; the
-        rows travel through the CPU group (checkpoints and prompt rounds, not every step)."""
+        rows travel through the CPU group (the serving export at the end, not every step)."""
         local = local.detach().cpu()
         if self.world_size == 1:
             out = torch.empty((self.totals[kind],) + tuple(local.shape[1:]), dtype=local.dtype)
@@ -139,16 +141,6 @@ class PartitionedWorld(World):
 
     def local_state_dict(self, state: dict) -> dict:
         return {k: self.local_table(v, SHARDED_TABLES[k]) if k in SHARDED_TABLES else v for k, v in state.items()}
-
-    def full_optimizer_state(self, state: dict, names: dict[int, str]) -> dict | None:
-        """An optimizer's state_dict with the sharded parameters' moments made whole (rank 0)."""
-        per_param = {}
-        for idx in sorted(state["state"]):
-            entry = state["state"][idx]
-            kind = SHARDED_TABLES.get(names.get(idx, ""))
-            per_param[idx] = {k: (self.full_table(v, kind) if kind and torch.is_tensor(v) and v.dim() == 2 else v)
-                              for k, v in entry.items()}
-        return {"state": per_param, "param_groups": state["param_groups"]} if self.rank == 0 else None
 
     def local_optimizer_state(self, state: dict, names: dict[int, str]) -> dict:
         per_param = {}

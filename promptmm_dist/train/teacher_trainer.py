@@ -60,11 +60,14 @@ def teacher_train_loop(config: dict) -> None:
     closing: dict = {}  # the selected teacher's metrics, once training ended
 
     def files(folder: Path, state: LoopState) -> None:
-        save_checkpoint(folder, "teacher", state.best if state.best is not None else state.model, cfg,
-                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]})
-        write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
-        if closing:
-            write_json(folder / CLOSING_FILE, closing)
+        """Every rank: its piece of teacher.pt (the selected weights); rank 0 also the rest."""
+        weights, piece = state.weights()
+        save_checkpoint(folder, "teacher", weights, cfg,
+                        {"manifest_sha256": spec["manifest_sha256"], "dataset": spec["name"]}, piece=piece)
+        if world.is_main:
+            write_json(folder / PLACEMENT_FILE, {"ranks": nodes})
+            if closing:
+                write_json(folder / CLOSING_FILE, closing)
 
     resume = latest_state(config.get("resume_from"))
     report = make_reporter(files, rank, config.get("resume_mirror"), initial=resume)

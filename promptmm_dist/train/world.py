@@ -98,14 +98,11 @@ class World:
         return rows
 
     def full_state_dict(self, state: dict) -> dict | None:
-        """The whole model's state (checkpoints); the same dict here."""
+        """The whole model's state (one gather; checkpoints use row pieces instead); the same dict here."""
         return state
 
     def local_state_dict(self, state: dict) -> dict:
         """This process's rows of a whole model's state (resume); the same dict here."""
-        return state
-
-    def full_optimizer_state(self, state: dict, names: dict[int, str]) -> dict | None:
         return state
 
     def local_optimizer_state(self, state: dict, names: dict[int, str]) -> dict:
