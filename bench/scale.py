@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import add_size_args, ensure_data  # noqa: E402 - after the repo is on the path
+from promptmm_dist.data.graph import COLUMN_BLOCK  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -59,10 +60,15 @@ def reset_high_water() -> None:
 
 
 def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict: dict, stage: str,
-               steps: int) -> dict:
+               steps: int, column_block: int | None = None) -> dict:
     """One rank of one stage: set up its partition, run `steps` optimiser steps, measure."""
     import numpy as np
     import torch
+
+    import promptmm_dist.data.graph as graph_module
+
+    if column_block:  # the CPU products' column blocks (a bench knob: 1 << 30 = one block)
+        graph_module.COLUMN_BLOCK = column_block
 
     from promptmm_dist.config import config_from_dict
     from promptmm_dist.data.sampling import join_steps
@@ -137,11 +143,13 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
             "losses": losses}
 
 
-def run_stage(spec: dict, workers: int, num_shards: int, cfg_dict: dict, stage: str, steps: int) -> dict:
+def run_stage(spec: dict, workers: int, num_shards: int, cfg_dict: dict, stage: str, steps: int,
+              column_block: int | None = None) -> dict:
     from promptmm_dist.partition.group import run_group
 
     t0 = time.perf_counter()
-    ranks = run_group(stage_rank, workers, spec, num_shards, cfg_dict, stage, steps, threads=1, timeout_s=7200)
+    ranks = run_group(stage_rank, workers, spec, num_shards, cfg_dict, stage, steps, column_block, threads=1,
+                      timeout_s=7200)
     step_s = max(r["step_s"] for r in ranks)  # a step ends when its slowest rank does
     exchange_s = max(r["exchange_s"] for r in ranks)
     return {"steps_per_s": 1.0 / step_s if step_s > 0 else 0.0, "step_s": step_s,
@@ -183,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64, help="embedding size (teacher and student)")
     p.add_argument("--data-dir", default=None, help="synthetic data folder (default: runs/scale-data/<sizes>)")
     p.add_argument("--stages", default="teacher,student")
+    p.add_argument("--column-block", type=int, default=None,
+                   help="input rows per column block of the CPU products (default data.graph.COLUMN_BLOCK)")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     p.add_argument("--save", default=None, help="also write NAME.json/.md under bench/results/")
     args = p.parse_args(argv)
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[str(w)] = {}
         for stage in stages:
             print(f"W={w} {stage}: {args.steps} steps ...", file=sys.stderr, flush=True)
-            runs[str(w)][stage] = run_stage(spec, w, num_shards, cfg.to_dict(), stage, args.steps)
+            runs[str(w)][stage] = run_stage(spec, w, num_shards, cfg.to_dict(), stage, args.steps, args.column_block)
             s = runs[str(w)][stage]
             print(f"W={w} {stage}: {s['steps_per_s']:.3f} steps/s, rank peak RSS {s['rank_peak_rss_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
@@ -216,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"users": args.users, "items": args.items, "interactions": args.interactions,
               "modalities": args.modalities, "workers": workers[-1], "steps": args.steps, "exchange": args.exchange,
               "batch_size": args.batch_size, "dim": args.dim, "threads_per_rank": 1,
+              "column_block": args.column_block or COLUMN_BLOCK,
               "rank_peak_rss_mib": max(s["rank_peak_rss_mib"] for s in top.values()),
               "driver_peak_rss_mib": round(peak_rss_mib(), 1),
               "object_store_bytes": 0,  # the ranks read the files themselves: nothing goes through Ray here

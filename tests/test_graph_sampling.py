@@ -7,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from promptmm_dist.data.graph import GraphPropagator, normalized_adjacency
+from promptmm_dist.data import graph as graph_module
+from promptmm_dist.data.graph import BlockedCsr, GraphPropagator, normalized_adjacency
 from promptmm_dist.data.sampling import TrainSampler
 from tests.helpers import tiny_data
 
@@ -39,6 +40,37 @@ def test_propagate_equals_dense_product_and_layer_mean():
     torch.testing.assert_close(g.propagate(x), dense @ x, rtol=1e-5, atol=1e-5)
     expected = (x + dense @ x + dense @ (dense @ x)) / 3
     torch.testing.assert_close(g.layer_mean(x, 2), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_column_blocked_products_equal_the_whole_product(monkeypatch):
+    """Products over column blocks (how the CPU multiplies large graphs) add up to the one product:
+    forward, in place, the transpose in backward, and the user-item mean, with blocks of 8 columns."""
+    m = sp.random(30, 70, density=0.2, format="csr", random_state=3, dtype=np.float32)
+    blocked = BlockedCsr(m, block=8)
+    assert len(blocked.blocks) == 9 and blocked.nnz == m.nnz
+    x = torch.randn(70, 5)
+    dense = torch.from_numpy(m.toarray())
+    torch.testing.assert_close(blocked.product(x), dense @ x, rtol=1e-5, atol=1e-5)
+    y = torch.ones(30, 5)
+    assert blocked.product(x, add_to=y) is y
+    torch.testing.assert_close(y, 1 + dense @ x, rtol=1e-5, atol=1e-5)
+    assert (blocked.to_csr() != m).nnz == 0
+    assert len(BlockedCsr(m, block=60).blocks) == 1  # under 1.5 blocks of columns: one
+    monkeypatch.setattr(graph_module, "COLUMN_BLOCK", 8)
+    for norm in ("sym", "left"):  # left: A^T is its own blocked matrix
+        r = _random_csr(4)
+        g = GraphPropagator.from_train(r, norm)
+        assert len(g.adj_blocks.blocks) > 1
+        a = torch.from_numpy(normalized_adjacency(r, norm).toarray())
+        x = torch.randn(a.shape[0], 3, requires_grad=True)
+        out = g.propagate(x)
+        torch.testing.assert_close(out, a @ x.detach(), rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        torch.testing.assert_close(x.grad, a.T @ w, rtol=1e-5, atol=1e-5)
+    items = torch.randn(r.shape[1], 3)
+    mean = torch.from_numpy((r.toarray() / np.maximum(r.toarray().sum(1, keepdims=True), 1)).astype(np.float32))
+    torch.testing.assert_close(g.user_item_mean(items), mean @ items, rtol=1e-5, atol=1e-5)
 
 
 def test_negatives_are_never_training_items():

@@ -51,8 +51,8 @@ def cpu_product(m: sp.csr_matrix, x: torch.Tensor, add_to: torch.Tensor | None =
     add_to += m @ x in place (no temporary of the product's size) and returns add_to.
 
     With int32 indices (scipy's choice below 2^31 nonzeros) the product runs torch's MKL CSR kernel on
-    a view of m's own arrays (no copy): 1.9-2.2x scipy's loop on one thread, on Tiktok and at 1M users,
-    64 and 192 columns (bench/results/spmm_kernel.md).
+    a view of m's own arrays (no copy): 1.2-2.2x scipy's loop on one thread, on Tiktok and at 1M users,
+    64 and 192 columns, on different days of this machine (bench/results/spmm_kernel.md).
     With int64 indices torch has no MKL path and is slower than scipy, so scipy does those."""
     x = x.detach()
     if x.dtype != torch.float32:
@@ -77,6 +77,54 @@ def cpu_product(m: sp.csr_matrix, x: torch.Tensor, add_to: torch.Tensor | None =
     return y if add_to is None else add_to.add_(y)
 
 
+COLUMN_BLOCK = 1 << 16
+"""Input rows one block of a CPU sparse product reads (16 MiB at 64 columns)."""
+
+
+class BlockedCsr:
+    """A float32 CSR matrix kept as column blocks for CPU products: m @ x = sum_k m[:, k] @ x[k].
+
+    One product over all columns reads x's rows at random across the whole table, which at 1M users
+    (280 MB at 64 columns) misses cache on nearly every non-zero; a block's rows stay in cache while
+    its non-zeros stream. At 1M users one product is 1.2x (bench/spmm_kernel.py's graph) to 1.4x (the
+    scale set's) faster this way, and a 1-rank student step 1.30x (bench/results/spmm_kernel.md,
+    docs/partitioned.md).
+    The blocks hold the same non-zeros (plus one row pointer array each); a matrix of at most
+    1.5 blocks of columns stays one block, the very matrix given (no copy)."""
+
+    def __init__(self, m: sp.csr_matrix, block: int | None = None) -> None:
+        block = block or COLUMN_BLOCK
+        m = m.astype(np.float32, copy=False).tocsr()
+        m.sort_indices()
+        self.shape, self.nnz = m.shape, int(m.nnz)
+        n = m.shape[1]
+        pieces = max(1, round(n / block)) if n > 1.5 * block else 1
+        self.bounds = [n * k // pieces for k in range(pieces + 1)]
+        if pieces == 1:
+            self.blocks = [m]
+        else:
+            self.blocks = []
+            for a, b in zip(self.bounds[:-1], self.bounds[1:]):
+                part = m[:, a:b].tocsr()
+                part.sort_indices()
+                self.blocks.append(part)
+
+    def to_csr(self) -> sp.csr_matrix:
+        """The whole matrix again (a copy when blocked): for accelerators and one-off reads."""
+        return self.blocks[0] if len(self.blocks) == 1 else sp.hstack(self.blocks, format="csr")
+
+    def product(self, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """m @ x on the CPU without autograd (x: (shape[1], d)); with `add_to`, add_to += m @ x."""
+        x = x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        x = x.contiguous()
+        out = add_to
+        for (a, b), part in zip(zip(self.bounds[:-1], self.bounds[1:]), self.blocks):
+            out = cpu_product(part, x[a:b]) if out is None else cpu_product(part, x[a:b], add_to=out)
+        return out
+
+
 def row_normalized(train_csr: sp.csr_matrix) -> sp.csr_matrix:
     """D_u^-1 R: each user row averages its training items (users' hard tokens, modality init)."""
     deg = np.asarray(train_csr.sum(axis=1)).ravel()
@@ -87,20 +135,20 @@ def row_normalized(train_csr: sp.csr_matrix) -> sp.csr_matrix:
 
 
 class _CsrProduct(torch.autograd.Function):
-    """y = A x with a scipy CSR matrix: forward A x, backward A^T g (A^T precomputed once).
+    """y = A x with a CSR matrix in column blocks: forward A x, backward A^T g (A^T precomputed once).
 
     On CPU this is ~6x faster than autograd through a torch sparse CSR tensor, whose backward
     rebuilds the transpose at every call (0.05 s vs 0.32 s per hop on Tiktok, 64 columns).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, adj: sp.csr_matrix, adj_t: sp.csr_matrix) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, adj: BlockedCsr, adj_t: BlockedCsr) -> torch.Tensor:  # noqa: ANN001
         ctx.adj_t = adj_t
-        return cpu_product(adj, x)
+        return adj.product(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
-        return cpu_product(ctx.adj_t, grad), None, None
+        return ctx.adj_t.product(grad), None, None
 
 
 class GraphPropagator:
@@ -115,16 +163,18 @@ class GraphPropagator:
     def __init__(self, adj: sp.csr_matrix, n_users: int, n_items: int) -> None:
         self.n_users = n_users
         self.n_items = n_items
-        self.adj_csr = adj.astype(np.float32).tocsr()
-        symmetric = (abs(self.adj_csr - self.adj_csr.T) > 1e-7).nnz == 0
-        self.adj_t_csr = self.adj_csr if symmetric else self.adj_csr.T.tocsr()
+        adj = adj.astype(np.float32).tocsr()
+        symmetric = (abs(adj - adj.T) > 1e-7).nnz == 0
+        self.adj_blocks = BlockedCsr(adj)
+        self.adj_t_blocks = self.adj_blocks if symmetric else BlockedCsr(adj.T.tocsr())
+        del adj
         self._torch_adj: torch.Tensor | None = None  # for accelerator tensors only
-        self._user_mean: tuple[sp.csr_matrix, sp.csr_matrix] | None = None  # D_u^-1 R and its transpose
+        self._user_mean: tuple[BlockedCsr, BlockedCsr] | None = None  # D_u^-1 R and its transpose
 
     @property
     def adj(self) -> torch.Tensor:
         if self._torch_adj is None:
-            self._torch_adj = to_torch_sparse(self.adj_csr)
+            self._torch_adj = to_torch_sparse(self.adj_blocks.to_csr())
         return self._torch_adj
 
     @classmethod
@@ -136,18 +186,18 @@ class GraphPropagator:
             return self.adj.to(x.device) @ x
         if x.dtype != torch.float32:
             x = x.float()
-        return _CsrProduct.apply(x, self.adj_csr, self.adj_t_csr)
+        return _CsrProduct.apply(x, self.adj_blocks, self.adj_t_blocks)
 
     def user_item_mean(self, items: torch.Tensor) -> torch.Tensor:
         """Each user's mean of its training items' rows (D_u^-1 R items): users start from their items.
         R is read off the adjacency's user-item block (its pattern, whatever the normalisation)."""
         if self._user_mean is None:
-            block = self.adj_csr[: self.n_users, self.n_users:].copy()
+            block = self.adj_blocks.to_csr()[: self.n_users, self.n_users:].copy()
             block.data[:] = 1.0
             mean = row_normalized(block)
-            self._user_mean = (mean, mean.T.tocsr())
+            self._user_mean = (BlockedCsr(mean), BlockedCsr(mean.T.tocsr()))
         if items.device.type != "cpu":
-            return to_torch_sparse(self._user_mean[0]).to(items.device) @ items
+            return to_torch_sparse(self._user_mean[0].to_csr()).to(items.device) @ items
         return _CsrProduct.apply(items.float(), *self._user_mean)
 
     def sum_items(self, x: torch.Tensor) -> torch.Tensor:

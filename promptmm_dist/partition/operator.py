@@ -15,19 +15,20 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from promptmm_dist.data.graph import cpu_product, to_torch_sparse
+from promptmm_dist.data.graph import BlockedCsr, to_torch_sparse
 from promptmm_dist.partition.exchange import RowRoutes, exchange_lists, max_over_ranks, start_exchange
 
 
 class LocalSparse:
-    """A local CSR matrix and its transpose, multiplied with autograd on CPU (scipy) or a device
-    (torch sparse CSR); the transpose is built once, never per backward."""
+    """A local CSR matrix and its transpose, multiplied with autograd on CPU (MKL over column blocks,
+    `data.graph.BlockedCsr`) or a device (torch sparse CSR); the transpose is built once, never per
+    backward."""
 
     def __init__(self, m: sp.csr_matrix) -> None:
-        self.csr = m.astype(np.float32, copy=False).tocsr()  # no copy of a float32 CSR (setup peak)
-        self.csr.sort_indices()
-        self.csr_t = self.csr.T.tocsr()
-        self.csr_t.sort_indices()
+        m = m.astype(np.float32, copy=False).tocsr()  # no copy of a float32 CSR (setup peak)
+        m.sort_indices()
+        self.csr_t = BlockedCsr(m.T.tocsr())
+        self.csr = BlockedCsr(m)
         self._device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -41,7 +42,8 @@ class LocalSparse:
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._device:
-            self._device[key] = (to_torch_sparse(self.csr).to(device), to_torch_sparse(self.csr_t).to(device))
+            self._device[key] = (to_torch_sparse(self.csr.to_csr()).to(device),
+                                 to_torch_sparse(self.csr_t.to_csr()).to(device))
         return self._device[key]
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,13 +54,13 @@ class LocalSparse:
     def mul(self, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """A x without autograd (x float32, on the CPU or a device); with `add_to`, add_to += A x in place."""
         if x.device.type == "cpu":
-            return cpu_product(self.csr, x, add_to)
+            return self.csr.product(x, add_to)
         return self.on(x.device)[0] @ x if add_to is None else add_to.addmm_(self.on(x.device)[0], x)
 
     def mul_t(self, g: torch.Tensor) -> torch.Tensor:
         """A^T g without autograd."""
         if g.device.type == "cpu":
-            return cpu_product(self.csr_t, g)
+            return self.csr_t.product(g)
         return self.on(g.device)[1] @ g
 
 
