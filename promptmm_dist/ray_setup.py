@@ -17,8 +17,9 @@ from promptmm_dist.config import Config, DistConfig
 from promptmm_dist.run_io import write_history, write_json
 
 if TYPE_CHECKING:
-    from promptmm_dist.train.state import LoopState
     import torch
+
+    from promptmm_dist.train.state import LoopState
 
 SHARD_CPUS = 0.1  # InteractionShard actors mostly hold memory and sample
 # the stage's frozen teacher (all its ranks together: a forward per cache version, prompt rounds) and

@@ -6,13 +6,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from promptmm_dist.config import Config
 from promptmm_dist.train.row_pieces import PIECES_KEY, RowPiece, atomic_save, read_rows
+
+if TYPE_CHECKING:
+    from promptmm_dist.train.world import World
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -60,15 +62,13 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def load_rows_of(path: Path, want: dict[str, np.ndarray], tables: dict[str, str]) -> dict:
-    """The state dict with only the rows `want[kind]` of its sharded tables (`tables`: parameter ->
-    kind): read from the row pieces, or memory-mapped out of a whole checkpoint (only those rows are
-    read either way)."""
+def load_rows_of(path: Path, world: "World") -> dict:
+    """The state dict with only `world`'s rows of its sharded tables: read from the row pieces, or
+    memory-mapped out of a whole checkpoint (only those rows are read either way)."""
     path = Path(path)
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     mark = state.pop(PIECES_KEY, None)
-    if mark is not None:
-        state.update(read_rows(path.parent, path.stem, mark, want))
-        return state
-    return {k: (v[torch.from_numpy(np.asarray(want[tables[k]], dtype=np.int64))].clone() if k in tables else v)
-            for k, v in state.items()}
+    if mark is None:
+        return world.local_state_dict(state)
+    state.update(read_rows(path.parent, path.stem, mark, world.rows))
+    return state

@@ -149,6 +149,6 @@ def test_a_checkpoint_in_pieces_loads_whole_and_by_rank(tmp_path):
         torch.testing.assert_close(whole[name], value, rtol=0, atol=0)
     assert "__row_pieces__" not in whole and "proj.weight" in whole
     for world, _, model in ranks:  # each rank reads back exactly its rows
-        mine = load_rows_of(tmp_path / "ckpt" / "teacher.pt", world.rows, ROW_TABLES)
+        mine = load_rows_of(tmp_path / "ckpt" / "teacher.pt", world)
         model.load_state_dict(mine)
         torch.testing.assert_close(mine["user_emb.weight"], want["user_emb.weight"][torch.from_numpy(world.rows["user"])])

@@ -115,13 +115,9 @@ class BlockedCsr:
 
     def product(self, x: torch.Tensor, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """m @ x on the CPU without autograd (x: (shape[1], d)); with `add_to`, add_to += m @ x."""
-        x = x.detach()
-        if x.dtype != torch.float32:
-            x = x.float()
-        x = x.contiguous()
         out = add_to
-        for (a, b), part in zip(zip(self.bounds[:-1], self.bounds[1:]), self.blocks):
-            out = cpu_product(part, x[a:b]) if out is None else cpu_product(part, x[a:b], add_to=out)
+        for a, b, part in zip(self.bounds[:-1], self.bounds[1:], self.blocks):
+            out = cpu_product(part, x[a:b], add_to=out)
         return out
 
 

@@ -132,13 +132,12 @@ class TeacherRank(ActorInfo):
         from promptmm_dist.partition.setup import build_rank_teacher, setup_rank
         from promptmm_dist.paths import hard_token_dir
         from promptmm_dist.run_io import load_rows_of
-        from promptmm_dist.train.world import ROW_TABLES
 
         self.rd, self.world, self.graph = setup_rank(self.spec, self.num_shards, self.rank, self.world_size,
                                                      self.cfg.teacher.norm, self.cfg.dist.exchange)
         teacher = build_rank_teacher(self.rd, self.cfg, hard_token_dir())
         # only this rank's rows of the checkpoint's tables are read (from its row pieces, or mapped)
-        teacher.load_state_dict(load_rows_of(Path(self.checkpoint), self.world.rows, ROW_TABLES))
+        teacher.load_state_dict(load_rows_of(Path(self.checkpoint), self.world))
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

@@ -74,7 +74,7 @@ def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, 
 
     result = fit_teacher(rd.local, cfg, teacher, graph, steps, total_pairs, world=world, log=lambda _: None)
     held = {name: tuple(p.shape) for name, p in teacher.named_parameters()}
-    full = world.full_state_dict(teacher.state_dict())  # the checkpoint gather (rank 0 gets whole tables)
+    full = world.full_state_dict(teacher.state_dict())  # one gather (rank 0 gets whole tables)
     first = steps(0)[0]
     distinct = world.distinct_items(torch.from_numpy(np.asarray(first.items[:, :2], dtype=np.int64)), rd.plan.n_items)
     return {"history": result.history, "n_steps": n_steps, "shapes": held, "users": rd.users, "items": rd.items,

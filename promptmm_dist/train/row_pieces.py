@@ -79,7 +79,8 @@ def read_rows(folder: Path, stem: str, mark: dict, want: dict[str, np.ndarray] |
     kinds = mark["kinds"]
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
-    pos_of: dict[str, np.ndarray] = {}
+    asked: dict[str, int] = {}  # kind -> rows asked for
+    pos_of: dict[str, np.ndarray] = {}  # kind -> position in the answer of each global id (-1: not asked)
     for r in range(mark["n"]):
         path = piece_path(folder, stem, r)
         piece = _load_piece(path)
@@ -90,8 +91,7 @@ def read_rows(folder: Path, stem: str, mark: dict, want: dict[str, np.ndarray] |
                 ids = np.arange(total) if want is None else np.asarray(want[kind], dtype=np.int64)
                 pos = np.full(total, -1, dtype=np.int64)
                 pos[ids] = np.arange(len(ids))
-                pos_of[kind] = pos
-                filled[kind] = 0
+                pos_of[kind], asked[kind], filled[kind] = pos, len(ids), 0
         for kind in piece["ids"]:
             sel = pos_of[kind][piece["ids"][kind].numpy()]
             hit = np.flatnonzero(sel >= 0)
@@ -101,14 +101,12 @@ def read_rows(folder: Path, stem: str, mark: dict, want: dict[str, np.ndarray] |
                 if kinds[key] != kind:
                     continue
                 if key not in out:
-                    n = int((pos_of[kind] >= 0).sum())
-                    out[key] = torch.empty((n,) + tuple(rows.shape[1:]), dtype=rows.dtype)
+                    out[key] = torch.empty((asked[kind],) + tuple(rows.shape[1:]), dtype=rows.dtype)
                 out[key][dst] = rows[src]
         del piece
-    for kind, pos in pos_of.items():
-        if filled[kind] != int((pos >= 0).sum()):
-            raise ValueError(f"{folder}/{stem}: the row pieces hold {filled[kind]} of the "
-                             f"{int((pos >= 0).sum())} {kind} rows asked for")
+    for kind, n in asked.items():
+        if filled[kind] != n:
+            raise ValueError(f"{folder}/{stem}: the row pieces hold {filled[kind]} of the {n} {kind} rows asked for")
     return out
 
 
