@@ -28,6 +28,9 @@ class PromptConfig:
 
     soft_token_rate: float = 0.1  # lambda_s: ID prompt, E^0 = E + lambda_s * norm(P)
     feat_soft_token_rate: float = 0.1  # lambda_f: feature prompt, X~ = X + lambda_f * norm(P_i (P_i^T X))
+    feat_prompt_scale: str = "unit"  # "unit": the paper's unit-norm prompt rows (on standardised features of
+    # row norm ~sqrt(D) they move each row by lambda_f / sqrt(D), ~1%); "row": scaled by each feature row's
+    # norm, so lambda_f is the fraction each row moves whatever the features' scale
     prompt_dropout: float = 0.1
     lambda_p: float = 0.01  # prompt BPR term in the teacher loss
     lr: float = 1e-3  # prompt learning rate (teacher stage and prompt rounds)
@@ -123,8 +126,9 @@ class DistConfig:
     # are not bounded by it: Ray Train's own failure handling ends those
     placement: str = "SPREAD"  # Train ranks over nodes (ScalingConfig placement_strategy): SPREAD puts them on
     # different nodes where there are several (each then uses its node's CPUs), PACK fills a node first
-    exchange: str = "needed"  # per-hop row exchange of partitioned propagation: "needed" (only the rows a
-    # rank's adjacency rows read) or "all" (every row: the all-gather cost model, for comparison)
+    exchange: str = "cover"  # per-hop row exchange of partitioned propagation (partition.operator):
+    # "cover" (pull the rows a block reads or receive pushed partial sums, whichever sends fewer rows),
+    # "needed" (pull only), "all" (every row: the all-gather cost model, for comparison)
 
 
 @dataclass
@@ -194,6 +198,7 @@ RULES: dict[str, Rule] = {
     "seed": NON_NEGATIVE,
     "data.format": Rule(choices=("auto", "promptmm", "mmrec", "canonical")),
     "prompt.soft_token_rate": NON_NEGATIVE, "prompt.feat_soft_token_rate": NON_NEGATIVE,
+    "prompt.feat_prompt_scale": Rule(choices=("unit", "row")),
     "prompt.prompt_dropout": PROBABILITY, "prompt.lambda_p": NON_NEGATIVE, "prompt.lr": POSITIVE,
     "prompt.refresh_epochs": NON_NEGATIVE, "prompt.round_steps": AT_LEAST_ONE,
     "teacher.embed_dim": AT_LEAST_ONE, "teacher.n_layers": NON_NEGATIVE, "teacher.modal_layers": NON_NEGATIVE,
@@ -217,7 +222,7 @@ RULES: dict[str, Rule] = {
     "student.smooth_window": AT_LEAST_ONE,
     "dist.num_workers": NON_NEGATIVE, "dist.num_shards": AT_LEAST_ONE, "dist.num_teacher_workers": AT_LEAST_ONE,
     "dist.cpus_per_worker": Rule(low=0, low_open=True, optional=True), "dist.max_failures": NON_NEGATIVE, "dist.actor_timeout_s": POSITIVE,
-    "dist.exchange": Rule(choices=("needed", "all")),
+    "dist.exchange": Rule(choices=("cover", "needed", "all")),
     "dist.placement": Rule(choices=("SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK")),
 }
 

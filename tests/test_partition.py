@@ -54,7 +54,8 @@ def test_item_dealing_is_deterministic_and_respects_the_count_cap():
     assert np.bincount(owner).tolist() == [3, 3]
 
 
-@pytest.mark.parametrize("exchange,chunk_rows", [("needed", None), ("all", None), ("needed", 50)])
+@pytest.mark.parametrize("exchange,chunk_rows", [("cover", None), ("needed", None), ("all", None), ("needed", 50),
+                                                 ("cover", 50)])
 def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subset, exchange, chunk_rows):
     data, spec = subset
     d, layers = 8, 2
@@ -91,10 +92,18 @@ def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subse
         close(r["total"], total)
         close(r["grad_user"], xu.grad[u])
         close(r["grad_item"], xi.grad[i])
-    if exchange == "needed":  # only rows some local adjacency row reads: fewer than everyone's rows
-        n_nodes = u_n + i_n
-        assert all(r["values_received"] < (n_nodes - len(r["users"]) - len(r["items"])) * d * (1 + layers)
-                   for r in ranks)
+    n_nodes = u_n + i_n
+    for r in ranks:  # rows a hop receives: pull-only = the remote neighbours of the rank's nodes
+        u, i = r["users"], r["items"]
+        remote = (len(np.setdiff1d(np.unique(data.train_csr[u].indices), i))
+                  + len(np.setdiff1d(np.unique(data.train_csr.T.tocsr()[i].indices), u)))
+        if exchange == "needed":
+            assert r["rows_received_per_hop"] == remote < n_nodes - len(u) - len(i)
+            assert r["values_received"] == remote * d * (1 + layers) and r["rows_pushed_per_hop"] == 0
+        elif exchange == "cover":  # pushed partial sums replace pulled rows where they are fewer
+            assert 0 < r["rows_pushed_per_hop"] and r["rows_received_per_hop"] < 0.8 * remote, (r, remote)
+        else:
+            assert r["rows_received_per_hop"] == n_nodes - len(u) - len(i)
 
 
 @pytest.mark.parametrize("backbone", ["promptmm", "contrastive"])

@@ -56,6 +56,20 @@ def test_prompt_off_means_output_independent_of_prompt():
     assert torch.allclose(before.user, after.user) and torch.allclose(before.item, after.item)
 
 
+@pytest.mark.parametrize("scale", ["unit", "row"])
+def test_feature_prompt_strength_is_absolute_or_relative_to_the_feature_row(scale):
+    """'unit' (the paper): each row moves by lambda_f, ~1% of a standardised row of norm ~sqrt(D);
+    'row': each row moves by lambda_f times its own norm, whatever the features' scale."""
+    from promptmm_dist.models.prompt import PromptModule
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 128, generator=gen) * torch.linspace(0.5, 20.0, 50)[:, None]
+    p_items = torch.randn(50, 16, generator=gen)
+    moved = (PromptModule.feature_prompt(x, p_items, 0.2, scale=scale) - x).norm(dim=1)
+    want = torch.full((50,), 0.2) if scale == "unit" else 0.2 * x.norm(dim=1)
+    assert torch.allclose(moved, want, rtol=1e-4)
+
+
 def _kd_term(name: str, out, users, items, s_user, s_item, tau: float = 2.0) -> torch.Tensor:
     t_fused = list_logits(out.user, out.item, users, items)
     s = list_logits(s_user, s_item, users, items)

@@ -98,12 +98,17 @@ class PromptModule(nn.Module):
 
     @staticmethod
     def feature_prompt(x: torch.Tensor, p_items: torch.Tensor, rate: float,
-                       sum_items: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                       sum_items: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       scale: str = "unit") -> torch.Tensor:
         """X~ = X + rate * norm(P_i (P_i^T X)): the prompt re-weights the modality features.
-        P_i^T X sums over all items: `sum_items` completes it when this process holds only some rows."""
+        P_i^T X sums over all items: `sum_items` completes it when this process holds only some rows.
+        `scale="row"` multiplies each prompt row by its feature row's norm (rate = relative change)."""
         if rate == 0.0:
             return x
         mixed = p_items.t() @ x
         if sum_items is not None:
             mixed = sum_items(mixed)
-        return x + rate * l2norm(p_items @ mixed)
+        step = l2norm(p_items @ mixed)
+        if scale == "row":
+            step = step * x.norm(dim=1, keepdim=True)
+        return x + rate * step

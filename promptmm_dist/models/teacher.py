@@ -67,7 +67,8 @@ class PromptMMTeacher(nn.Module):
         e_i = self.item_emb.weight + pc.soft_token_rate * l2norm(p_i)
         # modality encoders on prompted features; users start as the mean of their items
         f_items = [self.dropout(self.encoders[m](
-            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate, graph.sum_items)),
+            PromptModule.feature_prompt(self.feature(m), p_i, pc.feat_soft_token_rate, graph.sum_items,
+                                        pc.feat_prompt_scale)),
             self.prompt.item_ids) for m in self.modalities]
         f_i = torch.cat(f_items, dim=1)
         f_u = graph.user_item_mean(f_i)

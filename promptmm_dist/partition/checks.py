@@ -42,7 +42,8 @@ def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, no
             "gathered_ids": rd.plan.gathered_items, "gathered": whole_items.detach().numpy(),
             "total": total.detach().numpy(),
             "grad_user": x_user.grad.numpy(), "grad_item": x_item.grad.numpy(),
-            "values_received": graph.nodes.values_received, "pieces": graph.nodes.n_pieces}
+            "values_received": graph.nodes.values_received, "pieces": graph.nodes.n_pieces,
+            "rows_received_per_hop": graph.nodes.rows_received, "rows_pushed_per_hop": sum(graph.nodes.push_recv_counts)}
 
 
 def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict: dict) -> dict:

@@ -83,7 +83,7 @@ class RankData:
         """Global (users, items) of this rank's samples -> (local user rows, gathered item positions)."""
         return self.plan.local_user(users), self.plan.item_pos[np.asarray(items, dtype=np.int64)]
 
-    def graph(self, norm: str = "sym", mode: str = "needed", chunk_rows: int = HALO_CHUNK_ROWS) -> PartitionedGraph:
+    def graph(self, norm: str = "sym", mode: str = "cover", chunk_rows: int = HALO_CHUNK_ROWS) -> PartitionedGraph:
         """This rank's rows of the normalised adjacency and of the user <- item mean (collective);
         `chunk_rows`: rows per piece of a hop's exchange (`partition.operator.HALO_CHUNK_ROWS`)."""
         return PartitionedGraph(self._node_operator(norm, mode, chunk_rows), self._mean_operator(mode, chunk_rows),

@@ -50,7 +50,7 @@ def dataset_spec(data: InteractionData | DatasetInfo, data_path: str, out: Path)
             "modalities": list(data.modalities), "name": data.name, "manifest_sha256": data.manifest_sha256}
 
 
-def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: str, exchange: str = "needed",
+def setup_rank(spec: dict, num_shards: int, rank: int, world_size: int, norm: str, exchange: str = "cover",
                device: torch.device | None = None, chunk_rows: int = HALO_CHUNK_ROWS,
                ) -> tuple[RankData, PartitionedWorld, PartitionedGraph]:
     """This rank's data, world and graph (collective: every rank of the group calls it). `device`: where
