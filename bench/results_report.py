@@ -49,7 +49,7 @@ def row_config(name: str, data_path: str, seed: int, extra: tuple[str, ...] = ()
 
 
 # settings a no-KD baseline row never reads: changing them does not invalidate its finished run
-KD_ONLY = ("tau", "lambda_pair", "lambda_list", "lambda_emb", "emb_alpha", "neg_sample_num",
+KD_ONLY = ("tau", "lambda_pair", "lambda_list", "lambda_emb", "emb_alpha", "emb_kd_items", "neg_sample_num",
            "list_users_per_batch", "list_modal_weight", "list_fused_weight", "list_kd", "dkd_alpha",
            "dkd_beta", "init_from_teacher")
 

@@ -80,6 +80,8 @@ class StudentConfig:
     lambda_list: float = 0.5
     lambda_emb: float = 0.1
     emb_alpha: float = 2.0  # exponent of the scaled cosine error
+    emb_kd_items: str = "batch"  # items the embedding KD averages over per step: "batch" (the global
+    # batch's distinct positives and negatives, the paper's) or "all" (every item, every step)
     neg_sample_num: int = 10  # negatives per list (never a training item of the user)
     list_users_per_batch: int = 1024  # users with a KD list per optimiser step
     list_modal_weight: float = 1.0  # total weight of the per-modality teacher lists (split evenly)
@@ -199,6 +201,7 @@ RULES: dict[str, Rule] = {
     "data.format": Rule(choices=("auto", "promptmm", "mmrec", "canonical")),
     "prompt.soft_token_rate": NON_NEGATIVE, "prompt.feat_soft_token_rate": NON_NEGATIVE,
     "prompt.feat_prompt_scale": Rule(choices=("unit", "row")),
+    "student.emb_kd_items": Rule(choices=("batch", "all")),
     "prompt.prompt_dropout": PROBABILITY, "prompt.lambda_p": NON_NEGATIVE, "prompt.lr": POSITIVE,
     "prompt.refresh_epochs": NON_NEGATIVE, "prompt.round_steps": AT_LEAST_ONE,
     "teacher.embed_dim": AT_LEAST_ONE, "teacher.n_layers": NON_NEGATIVE, "teacher.modal_layers": NON_NEGATIVE,

@@ -318,3 +318,39 @@ def test_detach_teacher_false_lets_the_prompt_learn():
         with torch.no_grad():
             stepped = tt - 0.05 * tt.grad
         assert float(fn(stepped, True)) < float(loss) - 1e-9, name
+
+
+@pytest.mark.parametrize("scope", ["batch", "all"])
+def test_embedding_kd_averages_over_the_batch_items_or_every_item(scope):
+    """`student.emb_kd_items`: the student step's embedding KD is the SCE over exactly the chosen items
+    (the batch's distinct positives and negatives, or the whole item table)."""
+    import numpy as np
+
+    from promptmm_dist.data.graph import GraphPropagator
+    from promptmm_dist.models.student import LightGCN
+    from promptmm_dist.train.steps import SoftRanking
+    from promptmm_dist.train.student_loop import student_step
+    from promptmm_dist.train.world import World
+    from tests.helpers import tiny_config, tiny_data
+
+    data = tiny_data()
+    cfg = tiny_config()
+    sc = cfg.student
+    sc.emb_kd_items, sc.lambda_pair, sc.lambda_list = scope, 0.0, 0.0
+    torch.manual_seed(0)
+    student = LightGCN(data.n_users, data.n_items, embed_dim=sc.embed_dim, n_layers=1)
+    graph = GraphPropagator.from_train(data.train_csr)
+    rng = np.random.default_rng(0)
+    n = 64
+    items = rng.integers(0, data.n_items // 4, size=(n, 1 + sc.neg_sample_num))  # a quarter of the items
+    part = SoftRanking(users=rng.integers(0, data.n_users, n), items=items, modal_logits={},
+                       fused_logits=np.zeros(items.shape, np.float16), margins=np.zeros(n, np.float32))
+    teacher_items = {"image": torch.randn(data.n_items, sc.embed_dim, generator=gen(3))}
+    with torch.no_grad():
+        item_emb = student(graph)[1]
+    chosen = torch.arange(data.n_items) if scope == "all" else torch.unique(torch.from_numpy(items[:, :2]))
+    expected = float(embedding_kd({"image": teacher_items["image"][chosen]}, item_emb[chosen]))
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    parts, _ = student_step(student, student, graph, part, opt, sc, World(), has_teacher=True,
+                            teacher_items=teacher_items)
+    assert parts["emb_kd"] == pytest.approx(expected, rel=1e-5)

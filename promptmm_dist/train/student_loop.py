@@ -39,6 +39,15 @@ class KDSource(Protocol):
         """Hook for prompt rounds; returns a round summary when one ran."""
 
 
+def emb_kd_items(items: torch.Tensor, n_items: int, scope: str, world: World) -> torch.Tensor:
+    """The items the embedding KD averages over this step: every item ("all": the whole item table
+    follows the teacher every step, not only the items a batch happens to draw) or the global batch's
+    distinct positives and negatives ("batch")."""
+    if scope == "all":
+        return torch.arange(n_items, device=items.device)
+    return world.distinct_items(items[:, :2], n_items)
+
+
 def student_step(student: LightGCN, module: torch.nn.Module, graph: GraphPropagator,
                  part: SoftRanking | SampleBatch, opt: torch.optim.Optimizer, sc, world: World,
                  has_teacher: bool = False, teacher_items: dict[str, torch.Tensor] | None = None,
@@ -56,7 +65,7 @@ def student_step(student: LightGCN, module: torch.nn.Module, graph: GraphPropaga
         teacher=part if has_teacher else None, teacher_items=teacher_items,
         # embedding KD averages over the global batch's distinct items: not a per-row mean, so every
         # rank computes it over the union (weighted by its share, the ranks' parts add up to it once)
-        emb_items=(world.distinct_items(items[:, :2], whole[0].shape[0])
+        emb_items=(emb_kd_items(items, whole[0].shape[0], sc.emb_kd_items, world)
                    if has_teacher and teacher_items and sc.lambda_emb > 0 else None))
     n = len(part)
     return optimizer_step(loss, parts, n, student, opt, world)
