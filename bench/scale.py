@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from common import add_size_args, ensure_data  # noqa: E402 - after the repo is on the path
 from promptmm_dist.data.graph import COLUMN_BLOCK  # noqa: E402
+from promptmm_dist.partition.operator import EXCHANGE_MODES  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     add_size_args(p)
     p.add_argument("--workers", default="1,2", help="W values to run, comma-separated (each with the same batch)")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps per stage and W (the first warms up)")
-    p.add_argument("--exchange", default="cover", choices=("cover", "needed", "all"), help="per-hop row exchange")
+    p.add_argument("--exchange", default="cover", choices=EXCHANGE_MODES, help="per-hop row exchange")
     p.add_argument("--batch-size", type=int, default=4096, help="global batch (teacher and student)")
     p.add_argument("--dim", type=int, default=64, help="embedding size (teacher and student)")
     p.add_argument("--data-dir", default=None, help="synthetic data folder (default: runs/scale-data/<sizes>)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,12 @@ from promptmm_dist.distill.losses import (
     modality_list_kd,
     pairwise_kd,
 )
+from promptmm_dist.data.graph import GraphPropagator
+from promptmm_dist.models.student import LightGCN
+from promptmm_dist.train.steps import SoftRanking
+from promptmm_dist.train.student_loop import student_step
+from promptmm_dist.train.world import World
+from tests.helpers import tiny_config, tiny_data
 
 # float(loss) on a graph-attached scalar is intended here (values are compared, not differentiated)
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -324,15 +331,6 @@ def test_detach_teacher_false_lets_the_prompt_learn():
 def test_embedding_kd_averages_over_the_batch_items_or_every_item(scope):
     """`student.emb_kd_items`: the student step's embedding KD is the SCE over exactly the chosen items
     (the batch's distinct positives and negatives, or the whole item table)."""
-    import numpy as np
-
-    from promptmm_dist.data.graph import GraphPropagator
-    from promptmm_dist.models.student import LightGCN
-    from promptmm_dist.train.steps import SoftRanking
-    from promptmm_dist.train.student_loop import student_step
-    from promptmm_dist.train.world import World
-    from tests.helpers import tiny_config, tiny_data
-
     data = tiny_data()
     cfg = tiny_config()
     sc = cfg.student
