@@ -106,7 +106,34 @@ def test_two_ranks_propagate_exactly_like_one_process_forward_and_backward(subse
             assert r["rows_received_per_hop"] == n_nodes - len(u) - len(i)
 
 
-@pytest.mark.parametrize("backbone", ["promptmm", "contrastive"])
+@pytest.mark.parametrize("exchange,chunk_rows", [("cover", None), ("needed", 40)])
+def test_two_ranks_build_and_propagate_the_one_process_item_knn_graph(subset, exchange, chunk_rows):
+    """FREEDOM's frozen item-item graph, partitioned: each rank finds only its items' neighbours, the
+    reversed edges and degrees travel to their owners, and 2 hops over the ranks' rows equal 2 hops over
+    the one-process graph (standardised features, as the teacher uses), forward and input gradients."""
+    from promptmm_dist.data.item_graph import item_item_graph
+    from promptmm_dist.partition.checks import item_graph_rank
+    from promptmm_dist.train.teacher_loop import prepare_features
+
+    data, spec = subset
+    d, k, layers = 8, 5, 2
+    whole = item_item_graph(prepare_features(data.features, "standardize"), k)
+    hop = GraphPropagator(whole, 0, data.n_items)
+    x = row_seeded_normal(np.arange(data.n_items), d, 1, "x_item").requires_grad_()
+    y = hop.propagate(hop.propagate(x))
+    (y * row_seeded_normal(np.arange(data.n_items), d, 2, "w_item")).sum().backward()
+    ranks = run_group(item_graph_rank, 2, spec, 4, "standardize", k, exchange, d, layers, chunk_rows)
+    assert sorted(np.concatenate([r["items"] for r in ranks]).tolist()) == list(range(data.n_items))
+    assert sum(r["nnz"] for r in ranks) == whole.nnz and all(0 < r["nnz"] < whole.nnz for r in ranks)
+    assert all(r["pieces"] > 1 for r in ranks) if chunk_rows else True
+    for r in ranks:
+        i = r["items"]
+        for got, want in ((r["out"], y[i]), (r["grad"], x.grad[i])):
+            want = want.detach().numpy()
+            assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("backbone", ["promptmm", "contrastive", "freedom"])
 def test_two_rank_teacher_follows_the_one_process_loss_curve(subset, backbone, tmp_path):
     """Same seed and global batch size: 3 epochs of the real teacher on 2 ranks over 4 shards = on 1
     rank over 1 shard = the local one-process stage (no partition at all), loss and validation, with

@@ -8,7 +8,7 @@ import torch
 
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.errors import ConfigError
-from promptmm_dist.models.freedom_teacher import item_item_graph, knn_graph
+from promptmm_dist.data.item_graph import item_item_graph, knn_graph, knn_rows, unit_rows
 from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.pipeline import teacher_stage
 from promptmm_dist.train.teacher_loop import build_teacher
@@ -26,6 +26,21 @@ def test_knn_graph_is_symmetric_without_self_loops_and_keeps_the_nearest():
     np.fill_diagonal(sim, -np.inf)
     for i in range(len(x)):
         assert set(np.argsort(-sim[i])[:3]) <= set(np.flatnonzero(a[i]))
+
+
+def test_knn_rows_pick_the_lowest_ids_among_exact_ties_whatever_the_split():
+    """Items with identical features tie exactly; the choice must not depend on chunking or on which
+    rank asks (BLAS blocking differs), or W ranks would build another graph than one process."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((60, 6)).astype(np.float32)
+    for copy in (9, 21, 33, 47, 58):
+        x[copy] = x[40]  # five duplicates of item 40
+    xn = unit_rows(x)
+    whole = knn_rows(xn, np.arange(60), 3)
+    assert set(whole[40]) == {9, 21, 33} and set(whole[58]) == {9, 21, 33} and set(whole[9]) == {21, 33, 40}
+    for rows in (np.arange(0, 60, 2), np.arange(59, -1, -3)):
+        part = knn_rows(xn, rows, 3, chunk=4)
+        assert all(set(a) == set(b) for a, b in zip(part, whole[rows]))
 
 
 def test_item_item_graph_averages_normalised_modalities():

@@ -6,6 +6,7 @@ Any set of one or more modalities; no modality name is special.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class TeacherOutput:
 
 
 class PromptMMTeacher(nn.Module):
+    uses_item_graph: ClassVar[bool] = False  # backbones over an item-item graph take `item_hop` (FREEDOM)
+
     def __init__(self, n_users: int, n_items: int, features: dict[str, np.ndarray],
                  prompt: PromptModule, cfg: TeacherConfig, prompt_cfg: PromptConfig) -> None:
         """`n_users`/`n_items`/`features`: the rows this process holds (all of them in one process,

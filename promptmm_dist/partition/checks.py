@@ -46,6 +46,28 @@ def propagation_rank(rank: int, world_size: int, spec: dict, num_shards: int, no
             "rows_received_per_hop": graph.nodes.rows_received, "rows_pushed_per_hop": sum(graph.nodes.push_recv_counts)}
 
 
+def item_graph_rank(rank: int, world_size: int, spec: dict, num_shards: int, feature_norm: str, k: int,
+                    exchange: str, dim: int, layers: int, chunk_rows: int | None = None) -> dict:
+    """Forward and input gradients of `layers` hops over the rank's rows of the item-item kNN graph
+    (built collectively from each rank's own items), inputs and output weights drawn per global id."""
+    from promptmm_dist.partition.item_graph import item_knn_operator
+    from promptmm_dist.partition.setup import feature_stats
+    from promptmm_dist.train.teacher_loop import prepare_features
+
+    rd, world, _graph = setup_rank(spec, num_shards, rank, world_size, "sym", exchange)
+    stats = feature_stats(rd) if feature_norm == "standardize" else None
+    op = item_knn_operator(rd.plan, world, rd.items, prepare_features(rd.all_features(), feature_norm, stats), k,
+                           exchange, chunk_rows or HALO_CHUNK_ROWS)
+    x = row_seeded_normal(rd.items, dim, 1, "x_item").requires_grad_()
+    y = x
+    for _ in range(layers):
+        y = op(y)
+    (y * row_seeded_normal(rd.items, dim, 2, "w_item")).sum().backward()
+    pushed = op.push.nnz if op.push is not None else 0  # nonzeros this rank multiplies for its peers
+    return {"items": rd.items, "out": y.detach().numpy(), "grad": x.grad.numpy(), "nnz": op.nnz + pushed,
+            "pieces": op.n_pieces, "rows_received_per_hop": op.rows_received}
+
+
 def teacher_curve_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict: dict) -> dict:
     """Train the teacher for cfg.teacher.epochs on this rank's partition (shards built in-process) and
     return its per-epoch history (loss parts reduced over ranks, validation metrics)."""

@@ -16,7 +16,9 @@ from promptmm_dist.config import Config
 from promptmm_dist.data.dataset import DatasetInfo, InteractionData
 from promptmm_dist.models.prompt import cached_hard_tokens
 from promptmm_dist.models.teacher import PromptMMTeacher
+from promptmm_dist.models.teachers import TEACHERS
 from promptmm_dist.partition.graph import PartitionedGraph
+from promptmm_dist.partition.item_graph import item_knn_operator
 from promptmm_dist.partition.memory import return_large_blocks_to_the_os
 from promptmm_dist.partition.operator import HALO_CHUNK_ROWS
 from promptmm_dist.partition.rank_data import RankData, load_rank_data
@@ -91,11 +93,6 @@ def rank_train_rows(rd: RankData) -> sp.csr_matrix:
 def build_rank_teacher(rd: RankData, cfg: Config, token_cache: str | Path | None) -> PromptMMTeacher:
     """The teacher's rows on this rank: its users and items, its items' features, every item's hard
     tokens (item side: computed once per dataset by rank 0 and cached, then read by all)."""
-    if cfg.teacher.backbone == "freedom" and rd.world.world_size > 1:
-        from promptmm_dist.errors import ConfigError
-
-        raise ConfigError("teacher.backbone freedom trains on one Train worker for now: its item-item kNN "
-                          "graph is not partitioned (use --num-workers 1, or backbone promptmm/contrastive)")
     def tokens() -> np.ndarray:
         return cached_hard_tokens(rd.all_features(), cfg.teacher.embed_dim, token_cache, rd.local.manifest_sha256)
 
@@ -106,7 +103,12 @@ def build_rank_teacher(rd: RankData, cfg: Config, token_cache: str | Path | None
         item_tokens = tokens()
     stats = feature_stats(rd) if cfg.teacher.feature_norm == "standardize" else None
     features = prepare_features(rd.features, cfg.teacher.feature_norm, stats)
+    item_hop = None
+    if TEACHERS.get(cfg.teacher.backbone, PromptMMTeacher).uses_item_graph:  # its rows of the kNN graph
+        every_item = prepare_features(rd.all_features(), cfg.teacher.feature_norm, stats)
+        item_hop = item_knn_operator(rd.plan, rd.world, rd.items, every_item, cfg.teacher.knn_k, cfg.dist.exchange)
+        del every_item
     teacher = assemble_teacher(cfg, rd.n_users, rd.n_items, features, item_tokens, rank_train_rows(rd),
-                               items=rd.items, users=rd.users)
+                               items=rd.items, users=rd.users, item_hop=item_hop)
     rd.world.init_tables(teacher, cfg.seed)
     return teacher.to(rd.world.device)

@@ -61,15 +61,20 @@ def build_teacher(data: InteractionData, cfg: Config, cache_folder=None) -> Prom
 
 def assemble_teacher(cfg: Config, n_users: int, n_items: int, features: dict[str, np.ndarray],
                      item_tokens: np.ndarray, train_rows, items: np.ndarray | None = None,
-                     users: np.ndarray | None = None) -> PromptMMTeacher:
+                     users: np.ndarray | None = None,
+                     item_hop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PromptMMTeacher:
     """The configured backbone over the rows a process holds: `n_users` users (`users`: which, default
     all) whose training rows are `train_rows` (columns: all items), `n_items` items (`items`: which,
-    default all) with their (scaled) `features`; `item_tokens`: every item's hard tokens."""
+    default all) with their (scaled) `features`; `item_tokens`: every item's hard tokens; `item_hop`:
+    one hop over the item-item graph for those items (backbones that use one; None: built from
+    `features`, which must then be every item's)."""
     torch.manual_seed(cfg.seed)
     prompt = PromptModule(item_tokens, train_rows, dropout=cfg.prompt.prompt_dropout, items=items, users=users)
     if cfg.teacher.backbone not in TEACHERS:
         raise ConfigError(f"teacher.backbone {cfg.teacher.backbone!r}: unknown (known: {', '.join(TEACHERS)})")
     backbone = TEACHERS[cfg.teacher.backbone]
+    if backbone.uses_item_graph:
+        return backbone(n_users, n_items, features, prompt, cfg.teacher, cfg.prompt, item_hop=item_hop)
     return backbone(n_users, n_items, features, prompt, cfg.teacher, cfg.prompt)
 
 
