@@ -224,6 +224,7 @@ class DistributedRun:
                               "tables_s": st.tables_s,
                               "rank_s_per_epoch": float(np.mean(st.rank_s)) if st.rank_s else 0.0,
                               "recomputed": st.recomputed,
+                              "teacher_released_at_epoch": st.teacher_released_at,
                               "student_wait_s": float(sum(r.get("kd_wait_s", 0.0) for r in hist))},
                     "dataset": self.data.name, "manifest_sha256": self.data.manifest_sha256}
             write_json(folder / "meta.json", meta)

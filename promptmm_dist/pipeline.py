@@ -169,6 +169,13 @@ def prepare_run(args: argparse.Namespace) -> tuple[Config, "InteractionData | Da
     if getattr(args, "restart", False):
         clear_run(out)  # --restart: forget finished stages and partial epochs
     (out / "config.yaml").write_text(cfg.to_yaml())
+    if ray_run and isinstance(data, InteractionData):
+        # another layout (or synthetic data) was loaded to validate it: write the canonical copy the
+        # ranks and actors read now, and keep only its identity, so the driver holds no rows for the run
+        from promptmm_dist.partition.setup import canonical_folder
+
+        canonical_folder(data, cfg.data.path, out)
+        data = DatasetInfo(data.name, data.n_users, data.n_items, list(data.modalities), data.manifest_sha256)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     return cfg, data, out

@@ -128,6 +128,19 @@ def test_explicit_num_workers_zero_means_ray_local_mode():
     assert not uses_ray(without)
 
 
+def test_a_ray_run_keeps_only_the_identity_of_a_source_it_had_to_load(tmp_path, ray_session):
+    """A source that is not a prepared folder (here the embedded synthetic set) is loaded once to
+    validate it; a Ray run then writes the canonical copy its ranks and actors read, and the driver keeps
+    the dataset's identity and sizes only, not its rows, for the rest of the run."""
+    from promptmm_dist.data.dataset import DatasetInfo
+    from promptmm_dist.data.formats import read_manifest
+    from promptmm_dist.pipeline import prepare_run
+
+    _, data, out = prepare_run(build_parser().parse_args(["run", "--num-workers", "0", "--out", str(tmp_path / "r")]))
+    assert type(data) is DatasetInfo and data.n_users > 0
+    assert read_manifest(out / "data")["content_sha256"] == data.manifest_sha256
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

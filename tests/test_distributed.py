@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from promptmm_dist import faults
 from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.prepare import ensure_canonical
@@ -199,7 +201,9 @@ def test_two_teacher_ranks_make_the_same_prompt_round_as_one(tiny, ray_session):
 def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
     """Cached rankings keep ids as int32 (half of int64) and logits as float16; the producer's stats
     give the bytes per cached training pair; the ids read back widen to exactly the sampled int64 ids.
-    Two TeacherWorkers split the shards while the teacher's forward runs once for the cache version."""
+    Two TeacherWorkers split the shards while the teacher's forward runs once for the cache version;
+    with the prompt frozen the teacher group is given back once that version's blocks exist, and the
+    workers go on ranking from the blocks."""
     import ray
 
     from promptmm_dist.data.shards import make_shard_actors
@@ -223,7 +227,13 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
             rankings.append(kd.epoch(e)[0])
             other.epoch(e)
         # one (partitioned) forward for the version, not one per worker
-        assert model.gather([r.forward_count.remote() for r in model.ranks], "forwards") == [1, 1]
+        assert [st["forwards"] for st in ray.get(cache._status[0])] == [1, 1]
+        # no prompt round ahead: the group went after version 0's blocks; epoch 1 came from the blocks
+        assert cache.stats.teacher_released_at == 0 and model.ranks == []
+        deadline = time.monotonic() + 30
+        while faults.actor_pids("teacher_model") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert faults.actor_pids("teacher_model") == []
         served = ray.get(cache.refs[1][1])  # shard 1's ranking, made by worker 1 from shard 1's block
         np.testing.assert_array_equal(served.users % 2, 1)
     finally:

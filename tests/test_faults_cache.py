@@ -205,6 +205,8 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
                        rng.normal(size=(subset.n_items, 16)).astype(np.float32), None)
                 ray.get(directory.put_student.remote(e, [ray.put(emb)]))
         assert ray.get(directory.held_epochs.remote()) == [4, 5]  # 0-3 were freed
+        # no round after epoch 3: the group went once epoch 4's blocks existed; 4 and 5 came from them
+        assert cache.stats.teacher_released_at == 4 and model.ranks == []
         for e in (0, 2):  # a version-0 and a version-1 epoch (the workers hold version 2), asked again
             again = kd.epoch(e)[0]
             np.testing.assert_array_equal(again.users, first[e].users)
@@ -212,6 +214,7 @@ def test_freed_epoch_is_recomputed_identically(subset, reference, ray_session):
                 np.testing.assert_array_equal(again.modal_logits[m], first[e].modal_logits[m])
             np.testing.assert_array_equal(again.fused_logits, first[e].fused_logits)
         assert cache.stats.recomputed == 2 and cache.stats.versions == 3
+        assert model.ranks == [] and model.restarts == 0  # started anew for the old versions, given back again
     finally:
         cache.stop()
         model.close()
@@ -290,7 +293,8 @@ def test_dead_actor_or_producer_fails_the_run_in_seconds_with_one_line(subset, r
 @pytest.mark.timeout(300)
 def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
     """A Tune shared cache owns the refs it serves: when its process dies they are gone, the actor is
-    restarted from the teacher file and a trial rank that cannot read an epoch gets it recomputed."""
+    restarted from the teacher file and a trial rank that cannot read an epoch gets it recomputed. It
+    holds no teacher: a 2-rank teacher group makes version 0's blocks and is gone once they exist."""
     import os
     import signal
 
@@ -308,9 +312,18 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
     shards = make_shard_actors(parquet, 2, subset.n_users, subset.n_items, cpus=0, dist=cfg.dist)
     spec = dataset_spec(subset, str(parquet.parent), out / "canon_spec")
     shared = ray.remote(num_cpus=0, max_concurrency=8, **ray_setup.actor_options(cfg.dist))(SharedTeacherCache).remote(
-        spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 5, 0, "k")
+        spec, cfg.to_dict(), str(out / "teacher" / "teacher.pt"), shards, cfg.seed, 4, 5, 0, "k", 2)
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     ray.get(shared.join.remote("t1", directory))
+    assert ray.get(shared.get_stats.remote())["teacher_ranks"] == 2
+
+    def teacher_ranks_alive() -> list[int]:
+        deadline = time.monotonic() + 30
+        while faults.actor_pids("teacher_model") and time.monotonic() < deadline:
+            time.sleep(0.2)  # a killed actor's process takes a moment to exit
+        return faults.actor_pids("teacher_model")
+
+    assert teacher_ranks_alive() == []  # the group is closed once version 0's blocks exist
     producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0, 5,
                                    log=lambda m: None, timeout_s=60.0).start()
     kd = RayCacheKD(directory, 0, [0, 1], 0, cfg.seed)
@@ -330,6 +343,7 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
         np.testing.assert_array_equal(np.sort(got.users), np.sort(want_users))
         assert producer.stats.recomputed == 1
         assert ray.get(shared.get_stats.remote())["epochs_computed"] >= 1  # the restarted actor computed it
+        assert teacher_ranks_alive() == []  # its new group made the blocks again and is gone too
     finally:
         producer.stop()
         for a in [shared, directory, *shards]:

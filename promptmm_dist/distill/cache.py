@@ -4,7 +4,8 @@ Driver side, `SoftRankingCache` runs a producer thread. Per cache version it ask
 (`teacher_group.TeacherGroup`: the frozen teacher partitioned over W ranks) once for the teacher's
 final embeddings as blocks (each shard's user rows, the item table); for each
 epoch it asks every shard for its samples and a TeacherWorker for their soft ranking from the shard's
-user block and the item block (workers take shards in turn). The driver *owns* those refs (it created them),
+user block and the item block (workers take shards in turn). Once no prompt round is left (with a
+frozen prompt: right after version 0) the teacher group is closed: the blocks outlive it. The driver *owns* those refs (it created them),
 publishes them in a small `CacheDirectory` actor that student ranks query, stays at most one epoch
 ahead of the students (two epochs held), frees an epoch once every rank consumed it, and runs a
 prompt round (new cache version) when the students hand in their embeddings at a refresh epoch.
@@ -201,6 +202,7 @@ class CacheStats:
     max_epochs_held: int = 0
     rounds: list[dict] = field(default_factory=list)
     recomputed: int = 0  # epochs produced again on a rank's request (freed or lost)
+    teacher_released_at: int | None = None  # epoch after whose blocks no round was left: the group went
 
     def bytes_per_pair(self) -> float:
         """Object-store bytes per cached training pair (ids int32, logits float16), over the epochs
@@ -236,6 +238,7 @@ class SoftRankingCache:
         self.prompts: dict[int, PromptState] = {start.version: start}  # every version's prompt (small)
         self._prompt_refs: dict[int, object] = {}
         self.epoch_version: dict[int, int] = {}
+        self._position = first_epoch  # the epoch the producer loop is on (rounds ahead are counted from it)
         self.refs: dict[int, list] = {}  # epoch -> the driver-owned refs of that epoch
         self.tables: dict[int, list] = {}  # cache version -> its N + 1 embedding-block refs
         self._status: dict[int, list] = {}  # cache version -> the teacher ranks' small status refs
@@ -290,6 +293,7 @@ class SoftRankingCache:
 
     def _tables_locked(self, version: int) -> list:
         if version not in self.tables:
+            self.model.ensure_started()  # given back once no round was left: an old version asked again
             blocks, status = self.model.version_tables(version, self._prompt_ref(version), len(self.shards))
             self.tables[version], self._status[version] = blocks, status
             for old in [x for x in sorted(self.tables) if x != version][:-1]:
@@ -311,6 +315,24 @@ class SoftRankingCache:
                     self.tables.pop(version, None)
                     self._status.pop(version, None)
                 self.model.restart(str(err))
+
+    def _round_ahead(self) -> bool:
+        """Whether a prompt round is still to come (at or after the producer loop's epoch)."""
+        return self.refresh > 0 and any((e + 1) % self.refresh == 0 and e + 1 < self.epochs
+                                        for e in range(self._position, self.epochs))
+
+    def _release_idle_teacher(self, epoch: int) -> None:
+        """Close the teacher group once its blocks exist and no prompt round is left: with a frozen
+        prompt that is right after version 0, so the W ranks (each a 1/W share of the graph and of the
+        teacher) do not sit beside the students for the whole stage. The blocks stay (the driver owns
+        them); a version asked for again starts the group anew (`_tables_locked`)."""
+        if self.model is None or self._round_ahead() or not self.model.ranks:
+            return
+        self.model.close()
+        if self.stats.teacher_released_at is None:
+            self.stats.teacher_released_at = epoch
+            self.log(f"soft-ranking cache: no prompt round left after epoch {epoch}'s blocks; "
+                     "the teacher group is given back")
 
     def _items_ref(self, version: int | None = None):
         """The item block of a version (the ranks' embedding-KD tables)."""
@@ -350,6 +372,7 @@ class SoftRankingCache:
         # a new version's one forward (instant once made), timed apart from the epoch's ranking work
         tables = self._made_tables(v)
         self.stats.tables_s += time.perf_counter() - t0
+        self._release_idle_teacher(epoch)
         t1 = time.perf_counter()
         n = len(self.shards)
         samples = [s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch), self.n_steps) for s in self.shards]
@@ -411,6 +434,7 @@ class SoftRankingCache:
                 continue
             students = [part[0] for part in got["student"]]
             while True:
+                self.model.ensure_started()
                 try:
                     res = self.model.gather(self.model.prompt_round(
                         students, epoch_seed(self.seed + 1, epoch), self._prompt_ref(self.version)),
@@ -452,6 +476,7 @@ class SoftRankingCache:
                     return
                 for old in [e for e in self.refs if e <= epoch - 2]:
                     self._drop(old)
+                self._position = epoch
                 self._publish(epoch)
                 if self.refresh > 0 and (epoch + 1) % self.refresh == 0 and epoch + 1 < self.epochs:
                     # the next epoch must see the new prompt: it is produced after the round
@@ -524,7 +549,7 @@ class RayCacheKD:
             try:
                 parts: list[SoftRanking] = ray.get([r[0] for r in got["shards"]], timeout=timeout)
                 if got["version"] != self.version or self._items is None:
-                    items = ray.get(got["items"][0], timeout=timeout)  # an item block (`item_block`)
+                    items = ray.get(got["items"][0], timeout=timeout)  # the version's item block
                     self._items = {m: torch.from_numpy(np.array(h)) for m, h in items["modal"].items()}
                     self.version = got["version"]
             except ObjectLostError:  # their owner died (a Tune shared cache) or they were lost: ask again

@@ -65,6 +65,12 @@ class TeacherGroup:
         self.log(f"teacher group: {why}; starting it again ({self.restarts}/{self.max_restarts})")
         self._start()
 
+    def ensure_started(self) -> None:
+        """Start the ranks again after `close` (a group given back while idle; not a failure, so no
+        restart is counted)."""
+        if not self.ranks:
+            self._start()
+
     def close(self) -> None:
         import ray
 

@@ -3,7 +3,7 @@ Train stage holds (its users', items' and adjacency rows, its items' features, i
 teacher's tables; `partition.setup`), so no process holds the whole graph or the whole teacher.
 Per cache version the W ranks compute the teacher's final embeddings once, together (one partitioned
 forward), and return them as blocks: rank r each of its shards' user rows (`user_block`), rank 0 also
-the item table (`item_block`; items are the small side, gathered). They run the prompt rounds that
+the item table (items are the small side, gathered). They run the prompt rounds that
 make new versions the same way: each rank steps the replicated prompt on its share of the batch.
 
 They *return* their results; the driver that called them owns the object refs, so the blocks live as
@@ -29,10 +29,10 @@ import torch
 from promptmm_dist.actor_calls import ActorInfo
 from promptmm_dist.config import Config, config_from_dict
 from promptmm_dist.data.dataset import InteractionData
-from promptmm_dist.data.sampling import SampleBatch, TrainSampler
+from promptmm_dist.data.sampling import TrainSampler
 from promptmm_dist.distill.prompt_rounds import prompt_round
 from promptmm_dist.models.teacher import PromptMMTeacher, TeacherOutput
-from promptmm_dist.train.steps import SoftRanking, gather_item_side, soft_ranking
+from promptmm_dist.train.steps import gather_item_side
 
 
 @dataclass
@@ -186,30 +186,8 @@ class TeacherRank(ActorInfo):
         mine = rank_shards(num_shards, self.rank, self.world_size)
         blocks = [user_block(out, self.rd.plan, k) for k in mine]
         status = {"rank": self.rank, "version": version, "shards": mine, "users": self.rd.n_users,
-                  "items": self.rd.n_items}
+                  "items": self.rd.n_items, "forwards": self.forwards}
         return (status, *blocks, *([self._items] if self.rank == 0 else []))
-
-    def item_block(self, version: int, prompt: PromptState | None = None) -> dict | None:
-        """The item block of cache `version` alone (collective; rank 0 returns it, the others None)."""
-        self._serve(version, prompt)
-        self._output()
-        return self._items
-
-    def soft_ranking(self, version: int, samples: SampleBatch, prompt: PromptState | None = None) -> SoftRanking:
-        """Teacher logits for samples (global ids) under `version`, from one rank that holds every user
-        (the Tune shared cache; a distill run ranks with TeacherWorkers from the blocks instead)."""
-        if self.world_size != 1:
-            raise RuntimeError("TeacherRank.soft_ranking needs every user's rows: a one-rank teacher only")
-        self._serve(version, prompt)
-        out = self._output()
-        items = TeacherOutput(out.user, torch.from_numpy(self._items["item"]), out.modal_user,
-                              {m: torch.from_numpy(h) for m, h in self._items["modal"].items()},
-                              out.prompt_user, out.prompt_item)
-        users = np.asarray(samples.users)
-        ranking = soft_ranking(items, self.rd.plan.local_user(users), np.asarray(samples.items),
-                               step_ends=samples.step_ends)
-        ranking.users = users
-        return ranking
 
     def prompt_round(self, student: tuple[np.ndarray, np.ndarray, dict | None], seed: int,
                      base: PromptState | None = None) -> dict:

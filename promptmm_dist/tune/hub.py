@@ -4,7 +4,10 @@
 distinct teacher once (trials with the same teacher-stage signature wait for the first) and owns one
 `SharedTeacherCache` per (teacher, negatives, student batch size) that produces the version-0 soft rankings of every epoch
 once and serves the same object-store refs to every trial. Both are owned by the driver, so a trial
-that ends (or is stopped by ASHA) never takes a shared teacher or cache down with it.
+that ends (or is stopped by ASHA) never takes a shared teacher or cache down with it. A shared cache
+holds no teacher: version 0's embeddings are made once by a partitioned teacher group (W ranks, as
+many as a trial's, each with a 1/W share of the graph and the teacher) that is closed as soon as its
+blocks exist; the cache then ranks each shard's samples from its user block and the item block.
 
 Trial side, `SharedCacheProducer` is the trial's `SoftRankingCache`: it publishes the shared
 version-0 epochs in the trial's own `CacheDirectory` (student ranks read them zero-copy, unchanged
@@ -14,8 +17,8 @@ teacher group and TeacherWorker, exactly like a `promptmm distill` run.
 All these actors take 0 logical CPUs: they compute on demand while a trial that holds CPUs waits.
 
 Losing a shared cache costs time, not the sweep: the actor owns the refs it serves, so when its
-process dies they are gone (OwnerDiedError) but Ray restarts it (`ray_setup.actor_options`: it
-reloads the teacher from its checkpoint file) and every epoch is a pure function of (seed, epoch,
+process dies they are gone (OwnerDiedError) but Ray restarts it (`ray_setup.actor_options`: a new
+teacher group makes the blocks again from the checkpoint file) and every epoch is a pure function of (seed, epoch,
 shard), so a trial rank that cannot read an epoch asks its directory again and the trial's
 producer fetches it anew from the restarted actor, which recomputes it.
 """
@@ -56,31 +59,47 @@ class SharedTeacherCache:
     """
 
     def __init__(self, spec: dict, cfg_dict: dict, checkpoint: str, shards: list, seed: int, n_neg: int,
-                 n_steps: int, keep_bytes: int, name: str) -> None:
-        """`spec`: the dataset spec (`partition.setup.dataset_spec`): the teacher reads its files."""
-        import ray
+                 n_steps: int, keep_bytes: int, name: str, world_size: int = 1) -> None:
+        """`spec`: the dataset spec (`partition.setup.dataset_spec`): the teacher ranks read its files;
+        `world_size`: ranks of the teacher group that makes version 0's blocks (the trials' ranks)."""
         import torch
-
-        from promptmm_dist.distill.teacher_model import TeacherRank
 
         torch.set_num_threads(1)
         t0 = time.perf_counter()
-        # in-process, one rank: every trial's version 0 comes from this one teacher (private versions
-        # after a prompt round come from each trial's own teacher group)
-        self.worker = TeacherRank(spec, cfg_dict, checkpoint, len(shards))
+        self.spec, self.cfg_dict, self.checkpoint, self.world_size = spec, cfg_dict, checkpoint, max(1, world_size)
+        self.timeout_s = float(config_from_dict(cfg_dict).dist.actor_timeout_s)
         self.shards, self.seed, self.n_neg, self.keep_bytes, self.name = shards, seed, n_neg, keep_bytes, name
         self.n_steps = n_steps
         self._lock = threading.Lock()  # bookkeeping
-        self._compute = threading.Lock()  # the teacher (one forward, then gathers)
-        with self._compute:
-            self.items_ref = ray.put(self.worker.item_block(0))
-        self._blocks: list | None = None
+        self._compute = threading.Lock()  # the blocks and the rankings made from them
+        self._blocks = self._version0_blocks()
         self._epochs: dict[int, dict] = {}  # epoch -> {"refs", "bytes", "ready": Event, "leases": set}
         self._trials: dict[str, dict] = {}  # trial -> {"pos": next epoch needed, "directory", "seen"}
         self.stats = {"epochs_computed": 0, "recomputed": 0, "served": 0, "served_shared": 0,
                       "compute_s": 0.0, "bytes_per_epoch": 0, "max_held": 0, "freed": 0,
-                      "trials": 0, "load_s": time.perf_counter() - t0}
+                      "trials": 0, "load_s": time.perf_counter() - t0, "teacher_ranks": self.world_size}
         self._computed: set[int] = set()
+
+    def _version0_blocks(self) -> list:
+        """Version 0's N + 1 embedding blocks (each shard's user rows, then the item table), made by a
+        partitioned teacher group (`TeacherGroup`) that lives for this one forward: no process holds the
+        whole teacher, and this actor owns the blocks (they die with it, and a restart makes them again)."""
+        from promptmm_dist.actor_calls import ActorLost
+        from promptmm_dist.distill.teacher_group import TeacherGroup
+
+        cfg = config_from_dict(self.cfg_dict)
+        group = TeacherGroup(self.spec, self.cfg_dict, self.checkpoint, len(self.shards), self.world_size, num_cpus=0,
+                             timeout_s=self.timeout_s, max_restarts=int(cfg.dist.max_failures), log=log)
+        try:
+            while True:
+                blocks, status = group.version_tables(0, None, len(self.shards))
+                try:
+                    group.gather(status, f"the shared cache {self.name}'s teacher group (version 0)")
+                    return blocks
+                except ActorLost as err:
+                    group.restart(str(err))
+        finally:
+            group.close()
 
     # -- trials
     def join(self, trial: str, directory) -> int:
@@ -97,13 +116,9 @@ class SharedTeacherCache:
         self._evict()
 
     def version0_blocks(self) -> list:
-        """Version 0's embedding blocks (`TeacherRank.version_tables`), for `init_from_teacher`."""
-        import ray
-
+        """Version 0's N + 1 embedding-block refs (`TeacherRank.version_tables`), for `init_from_teacher`."""
         with self._compute:
-            if self._blocks is None:
-                self._blocks = [ray.put(b) for b in self.worker.version_tables(0, None, len(self.shards))[1:]]
-        return list(self._blocks)
+            return list(self._blocks)
 
     # -- epochs
     def epoch(self, epoch: int, trial: str) -> tuple[dict[int, list], list]:
@@ -135,7 +150,7 @@ class SharedTeacherCache:
             self.stats["served"] += 1
             self.stats["served_shared"] += 0 if mine else 1
             self.stats["max_held"] = max(self.stats["max_held"], len(self._epochs))
-        return {k: [r] for k, r in enumerate(entry["refs"])}, [self.items_ref]
+        return {k: [r] for k, r in enumerate(entry["refs"])}, [self._blocks[-1]]
 
     def _produce(self, epoch: int, entry: dict) -> None:
         import ray
@@ -144,7 +159,7 @@ class SharedTeacherCache:
         samples = ray.get([s.epoch_samples.remote(self.n_neg, epoch_seed(self.seed, epoch), self.n_steps)
                            for s in self.shards])
         with self._compute:
-            rankings = [self.worker.soft_ranking(0, s) for s in samples]
+            rankings = self._rank(samples)
         entry["refs"] = [ray.put(r) for r in rankings]  # this actor owns them
         entry["bytes"] = int(sum(r.nbytes() for r in rankings))
         with self._lock:
@@ -153,6 +168,27 @@ class SharedTeacherCache:
             self._computed.add(epoch)
             self.stats["compute_s"] += time.perf_counter() - t0
             self.stats["bytes_per_epoch"] = max(self.stats["bytes_per_epoch"], entry["bytes"])
+
+    def _rank(self, samples: list) -> list:
+        """Each shard's soft ranking from its user block and the item block (zero-copy reads, one shard's
+        rows at a time, as a TeacherWorker ranks); blocks that were lost are made again first."""
+        import ray
+        from ray.exceptions import ObjectLostError, OwnerDiedError
+
+        from promptmm_dist.distill.teacher_workers import rank_block
+
+        n = len(self.shards)
+        for attempt in (0, 1):
+            try:
+                items = ray.get(self._blocks[n], timeout=self.timeout_s)
+                return [rank_block(ray.get(self._blocks[k], timeout=self.timeout_s), items, s, k, n)
+                        for k, s in enumerate(samples)]
+            except (ObjectLostError, OwnerDiedError):
+                if attempt:
+                    raise
+                log(f"shared soft-ranking cache {self.name}: version 0's blocks were lost; making them again")
+                self._blocks = self._version0_blocks()
+        raise AssertionError("unreachable")
 
     def release(self, epoch: int, trial: str) -> None:
         """`trial`'s ranks consumed `epoch` (it moves past it)."""
@@ -309,7 +345,7 @@ class TeacherHub:
                 handle = actor.remote(self.shared["dataset"], cfg_dict, str(Path(rec["folder"]) / "teacher.pt"),
                                       self.shared["shards"], cfg.seed, cfg.student.neg_sample_num,
                                       S.student_steps(cfg, self.shared["total_pairs"]),
-                                      int(self.plan["cache_keep_mb"] * 2**20), key)
+                                      int(self.plan["cache_keep_mb"] * 2**20), key, max(1, int(self.plan["workers"])))
                 c = {"handle": handle, "sig": sig, "live": set(), "used": time.monotonic(), "trials": 0}
                 self._caches[key] = c
             c["live"].add(trial)
@@ -337,8 +373,9 @@ class TeacherHub:
         self._retire_idle()
 
     def _retire_idle(self) -> None:
-        """Keep at most `max_idle_caches` caches without live trials (each is a process holding a
-        teacher); the least recently used go first (their stats are kept)."""
+        """Keep at most `max_idle_caches` caches without live trials (each is a process owning its
+        teacher's version-0 blocks and the epochs it keeps); the least recently used go first (their
+        stats are kept)."""
         import ray
 
         with self._lock:
