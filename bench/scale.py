@@ -127,6 +127,9 @@ def stage_rank(rank: int, world_size: int, spec: dict, num_shards: int, cfg_dict
         walls.append(time.perf_counter() - t)
         exchange.append(COLLECTIVES.seconds - c0)
         losses.append(world.reduce_sums(parts_)["bpr"])
+        if rank == 0 and (len(walls) % 10 == 0 or len(walls) == len(batches)):  # progress, outside the timing
+            print(f"  W={world_size} {stage}: step {len(walls)}/{len(batches)}, last {walls[-1]:.1f} s",
+                  file=sys.stderr, flush=True)
     timed = slice(1, None) if len(walls) > 1 else slice(None)  # the first step warms up caches
     wall = float(np.sum(walls[timed]))
     n_timed = len(walls[timed])
