@@ -171,24 +171,25 @@ class SharedTeacherCache:
 
     def _rank(self, samples: list) -> list:
         """Each shard's soft ranking from its user block and the item block (zero-copy reads, one shard's
-        rows at a time, as a TeacherWorker ranks); blocks that were lost are made again first."""
+        rows at a time, as a TeacherWorker ranks); blocks whose copy was lost are made again first."""
+        from ray.exceptions import ObjectLostError
+
+        try:
+            return self._rank_from_blocks(samples)
+        except ObjectLostError:
+            log(f"shared soft-ranking cache {self.name}: version 0's blocks were lost; making them again")
+            self._blocks = self._version0_blocks()
+            return self._rank_from_blocks(samples)
+
+    def _rank_from_blocks(self, samples: list) -> list:
         import ray
-        from ray.exceptions import ObjectLostError, OwnerDiedError
 
         from promptmm_dist.distill.teacher_workers import rank_block
 
         n = len(self.shards)
-        for attempt in (0, 1):
-            try:
-                items = ray.get(self._blocks[n], timeout=self.timeout_s)
-                return [rank_block(ray.get(self._blocks[k], timeout=self.timeout_s), items, s, k, n)
-                        for k, s in enumerate(samples)]
-            except (ObjectLostError, OwnerDiedError):
-                if attempt:
-                    raise
-                log(f"shared soft-ranking cache {self.name}: version 0's blocks were lost; making them again")
-                self._blocks = self._version0_blocks()
-        raise AssertionError("unreachable")
+        items = ray.get(self._blocks[n], timeout=self.timeout_s)
+        return [rank_block(ray.get(self._blocks[k], timeout=self.timeout_s), items, s, k, n)
+                for k, s in enumerate(samples)]
 
     def release(self, epoch: int, trial: str) -> None:
         """`trial`'s ranks consumed `epoch` (it moves past it)."""
