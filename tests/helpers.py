@@ -63,3 +63,16 @@ def inter_lines() -> list[str]:
     for label, split in enumerate((TRAIN, VAL, TEST)):
         lines += [f"{u}\t{i}\t1\t{label}" for u, items in split.items() for i in items]
     return lines
+
+
+def teacher_ranks_alive(settle_s: float = 30.0) -> list[int]:
+    """Pids of live TeacherRank processes of this session, after giving killed ones up to `settle_s`
+    to exit (a closed group's processes take a moment to go)."""
+    import time
+
+    from promptmm_dist import faults
+
+    deadline = time.monotonic() + settle_s
+    while faults.actor_pids("teacher_model") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return faults.actor_pids("teacher_model")

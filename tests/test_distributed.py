@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from promptmm_dist import faults
 from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.graph import GraphPropagator
 from promptmm_dist.data.prepare import ensure_canonical
@@ -23,7 +21,7 @@ from promptmm_dist.distributed import run_distributed
 from promptmm_dist.pipeline import teacher_stage
 from promptmm_dist.run_io import load_state
 from promptmm_dist.train.steps import soft_ranking
-from tests.helpers import tiny_config, tiny_data
+from tests.helpers import teacher_ranks_alive, tiny_config, tiny_data
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +228,7 @@ def test_cache_stores_int32_ids_and_reports_bytes_per_pair(tiny, ray_session):
         assert [st["forwards"] for st in ray.get(cache._status[0])] == [1, 1]
         # no prompt round ahead: the group went after version 0's blocks; epoch 1 came from the blocks
         assert cache.stats.teacher_released_at == 0 and model.ranks == []
-        deadline = time.monotonic() + 30
-        while faults.actor_pids("teacher_model") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert faults.actor_pids("teacher_model") == []
+        assert teacher_ranks_alive() == []
         served = ray.get(cache.refs[1][1])  # shard 1's ranking, made by worker 1 from shard 1's block
         np.testing.assert_array_equal(served.users % 2, 1)
     finally:

@@ -19,7 +19,7 @@ from promptmm_dist.data.formats import load_dataset
 from promptmm_dist.data.subset import subset_first_users
 from promptmm_dist.distill.cache import CacheDirectory, RayCacheKD, SoftRankingCache
 from promptmm_dist.distributed import run_distributed
-from tests.helpers import tiny_config
+from tests.helpers import teacher_ranks_alive, tiny_config
 
 
 def _cfg(max_failures: int = 3, timeout_s: float = 120.0):
@@ -316,12 +316,6 @@ def test_tune_shared_cache_lost_is_rebuilt(subset, reference, ray_session):
     directory = ray.remote(num_cpus=0, max_concurrency=16)(CacheDirectory).remote(60.0)
     ray.get(shared.join.remote("t1", directory))
     assert ray.get(shared.get_stats.remote())["teacher_ranks"] == 2
-
-    def teacher_ranks_alive() -> list[int]:
-        deadline = time.monotonic() + 30
-        while faults.actor_pids("teacher_model") and time.monotonic() < deadline:
-            time.sleep(0.2)  # a killed actor's process takes a moment to exit
-        return faults.actor_pids("teacher_model")
 
     assert teacher_ranks_alive() == []  # the group is closed once version 0's blocks exist
     producer = SharedCacheProducer(shared, "t1", lambda: None, shards, None, [], directory, 1, 3, cfg.seed, 4, 0, 5,

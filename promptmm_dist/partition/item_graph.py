@@ -21,7 +21,7 @@ from promptmm_dist.partition.plan import PartitionPlan
 from promptmm_dist.train.world import World
 
 
-def symmetric_rows(plan: PartitionPlan, rank: int, my_items: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def symmetric_rows(plan: PartitionPlan, my_items: np.ndarray, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(local row, global column) of the symmetrised 0/1 graph's nonzeros in this rank's item rows, from
     its items' directed kNN lists `top` (collective: the reversed edges go to their rows' owners)."""
     w = plan.world_size
@@ -30,7 +30,7 @@ def symmetric_rows(plan: PartitionPlan, rank: int, my_items: np.ndarray, top: np
     owner = plan.item_owner[dst]
     reversed_edges = [torch.from_numpy(np.stack([dst[owner == s], src[owner == s]], axis=1)) for s in range(w)]
     got = exchange_lists(reversed_edges, w)
-    got_pairs = np.concatenate([g.numpy().reshape(-1, 2) for g in got]) if got else np.zeros((0, 2), np.int64)
+    got_pairs = np.concatenate([g.numpy().reshape(-1, 2) for g in got])  # one list per rank, w >= 1
     rows = np.concatenate([plan.local_item(src), plan.local_item(got_pairs[:, 0])])
     cols = np.concatenate([dst, got_pairs[:, 1]])
     key = np.unique(rows * np.int64(plan.n_items) + cols)  # an edge found from both ends counts once
@@ -44,7 +44,7 @@ def item_knn_operator(plan: PartitionPlan, world: World, my_items: np.ndarray, a
     n, n_mine = plan.n_items, len(my_items)
     parts_rows, parts_cols, parts_vals = [], [], []
     for x in all_features.values():
-        rows, cols = symmetric_rows(plan, world.rank, my_items, knn_rows(unit_rows(x), my_items, k))
+        rows, cols = symmetric_rows(plan, my_items, knn_rows(unit_rows(x), my_items, k))
         degree = torch.zeros(n, dtype=torch.float64)
         degree[torch.from_numpy(np.asarray(my_items, dtype=np.int64))] = torch.from_numpy(
             np.bincount(rows, minlength=n_mine).astype(np.float64))

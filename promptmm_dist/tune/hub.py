@@ -67,7 +67,8 @@ class SharedTeacherCache:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         self.spec, self.cfg_dict, self.checkpoint, self.world_size = spec, cfg_dict, checkpoint, max(1, world_size)
-        self.timeout_s = float(config_from_dict(cfg_dict).dist.actor_timeout_s)
+        dist = config_from_dict(cfg_dict).dist
+        self.timeout_s, self.max_restarts = float(dist.actor_timeout_s), int(dist.max_failures)
         self.shards, self.seed, self.n_neg, self.keep_bytes, self.name = shards, seed, n_neg, keep_bytes, name
         self.n_steps = n_steps
         self._lock = threading.Lock()  # bookkeeping
@@ -87,9 +88,8 @@ class SharedTeacherCache:
         from promptmm_dist.actor_calls import ActorLost
         from promptmm_dist.distill.teacher_group import TeacherGroup
 
-        cfg = config_from_dict(self.cfg_dict)
         group = TeacherGroup(self.spec, self.cfg_dict, self.checkpoint, len(self.shards), self.world_size, num_cpus=0,
-                             timeout_s=self.timeout_s, max_restarts=int(cfg.dist.max_failures), log=log)
+                             timeout_s=self.timeout_s, max_restarts=self.max_restarts, log=log)
         try:
             while True:
                 blocks, status = group.version_tables(0, None, len(self.shards))
