@@ -143,7 +143,7 @@ def test_c_driver_killed_during_student_then_rerun(subset, tmp_path):
     out = tmp_path / "run"
     t0 = time.perf_counter()
     first = _run(_cli(data_dir, out), tmp_path / "first.log")
-    injector = kill_when(epoch_reached(out, "student", 3), "driver", timeout=500, delay=0.2, pid=first.pid)
+    injector = kill_when(epoch_reached(out, "student", 3), "driver", timeout=500, delay=0.02, pid=first.pid)
     _finish(first, 500)
     assert injector.error is None and injector.killed == first.pid, injector.error
     assert first.returncode == -signal.SIGKILL
