@@ -230,6 +230,21 @@ def test_epoch_lines_show_the_total():
     assert "epoch 3/9 |" in epoch_line("student", {**row, "epochs": 9})
 
 
+def test_long_epochs_log_step_lines_when_stderr_is_not_a_terminal(capsys):
+    """A Ray job's log or a bench's pipe gets `desc: step i/n (t s)` from rank 0 only, at most every
+    `every_s`: with every_s 0 each step logs, with an hour none does."""
+    from types import SimpleNamespace
+
+    from promptmm_dist.train.progress import progress
+
+    assert list(progress([10, 11, 12], "teacher epoch 4", every_s=0.0)) == [10, 11, 12]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"teacher epoch 4: step {i}/3" for i in (1, 2, 3)]
+    assert list(progress([1, 2], "student epoch 0", SimpleNamespace(is_main=False), every_s=0.0)) == [1, 2]
+    assert list(progress(range(5), "student epoch 0", every_s=3600.0)) == list(range(5))
+    assert capsys.readouterr().err == ""
+
+
 def test_read_only_numpy_warning_is_dropped_only_for_our_modules():
     """torch warns once per process (C++ TORCH_WARN_ONCE) with the caller's module: the filter is
     checked with the same message raised from our module and from another one."""

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+import time
+from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, world=None, **kw) -> Iterable[T]:
-    """A tqdm bar on rank 0 when stderr is a terminal; plain iteration otherwise."""
-    show = (world is None or world.is_main) and sys.stderr.isatty()
-    return tqdm(items, desc=desc, leave=False, disable=not show, **kw)
+def progress(items: Iterable[T], desc: str, world=None, every_s: float = 60.0, **kw) -> Iterable[T]:
+    """A tqdm bar on rank 0 when stderr is a terminal. Otherwise (a Ray job's log, a bench's pipe) rank 0
+    writes a `desc: step i/n (t s)` line at most every `every_s` seconds, so an epoch of minutes-long
+    steps at scale is not silent until its epoch line; other ranks iterate quietly."""
+    if world is not None and not world.is_main:
+        return items
+    if sys.stderr.isatty():
+        return tqdm(items, desc=desc, leave=False, **kw)
+    return _step_lines(items, desc, every_s)
+
+
+def _step_lines(items: Iterable[T], desc: str, every_s: float) -> Iterator[T]:
+    total = f"/{len(items)}" if hasattr(items, "__len__") else ""
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            worker_log(f"{desc}: step {i}{total} ({now - start:.0f}s)")
+            last = now
 
 
 def epoch_line(stage: str, row: dict, total: int | None = None) -> str:
