@@ -3,10 +3,12 @@ epoch for the baselines, the teacher, the PromptMM student and its ablations, un
 
     python bench/results_report.py --dataset tiktok --seeds 3 --jobs 2
     python bench/results_report.py --dataset lastfm2k --seeds 3 --rows lightgcn,teacher,student
+    python bench/results_report.py --dataset lastfm2k --rows teacher,student,no_emb_kd --teacher-seeds 3 \
+        --ablation-seeds 3 --set teacher.backbone=contrastive --name results_lastfm2k_contrastive
 
 Each row runs the local (in-process) pipeline with the dataset's recipe (`--recipe`, by default the
 packaged one named like --dataset) plus the row's overrides. The teacher is trained once (seed 0)
-and shared by every student row. A row whose folder under --out already holds a finished run with
+and shared by every student row; `--teacher-seeds 3` adds seeds 1 and 2 to the teacher row only. A row whose folder under --out already holds a finished run with
 the same config is read back, not retrained, so an interrupted report resumes (and rows can be run
 in separate invocations).
 """
@@ -148,6 +150,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="tiktok")
     ap.add_argument("--seeds", type=int, default=3, help="seeds for the headline rows (lightgcn, student)")
+    ap.add_argument("--teacher-seeds", type=int, default=1,
+                    help="seeds for the teacher row (every student row distils seed 0's teacher)")
+    ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds for the other rows (ablations, mf)")
     ap.add_argument("--rows", default="mf,lightgcn,teacher,student,no_pair_kd,no_list_kd,no_emb_kd,"
                                       "frozen_prompt,dkd_list_kd")
     ap.add_argument("--out", default="runs/report")
@@ -173,7 +178,9 @@ def main() -> None:
         results.append(run_row("teacher", data_path, 0, str(out), None, 2, extra))
     if results:
         print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
-    jobs = [(n, s) for n in names if n != "teacher" for s in (range(args.seeds) if n in HEADLINE else [0])]
+    jobs = [("teacher", s) for s in range(1, args.teacher_seeds) if "teacher" in names and not args.teacher]
+    jobs += [(n, s) for n in names if n != "teacher"
+             for s in range(args.seeds if n in HEADLINE else args.ablation_seeds)]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads, extra) for n, s in jobs]
         for f in futures:
