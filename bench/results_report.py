@@ -8,7 +8,9 @@ epoch for the baselines, the teacher, the PromptMM student and its ablations, un
 
 Each row runs the local (in-process) pipeline with the dataset's recipe (`--recipe`, by default the
 packaged one named like --dataset) plus the row's overrides. The teacher is trained once (seed 0)
-and shared by every student row; `--teacher-seeds 3` adds seeds 1 and 2 to the teacher row only. A row whose folder under --out already holds a finished run with
+and shared by every student row; `--teacher-seeds 3` adds seeds 1 and 2 to the teacher row only;
+with `--paired-teachers` student seed s distils teacher seed s instead, so a student row's sd also
+holds the teacher's seed-to-seed spread. A row whose folder under --out already holds a finished run with
 the same config is read back, not retrained, so an interrupted report resumes (and rows can be run
 in separate invocations).
 """
@@ -67,7 +69,14 @@ def _relevant(name: str, cfg: dict) -> dict:
     return keep
 
 
-def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[str, ...] = ()) -> dict | None:
+def row_folder(out: str, name: str, seed: int, teacher_seed: int = 0) -> Path:
+    """A row's run folder; a student distilled from another teacher seed than 0 gets its own."""
+    suffix = f"_teacher{teacher_seed}" if teacher_seed and name != "teacher" else ""
+    return Path(out) / f"{name}_seed{seed}{suffix}"
+
+
+def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[str, ...] = (),
+                 teacher_seed: int = 0) -> dict | None:
     """The result of an earlier run of this row, if its folder holds one with the same config
     (so an interrupted report resumes where it stopped)."""
     import json
@@ -75,7 +84,7 @@ def finished_row(name: str, data_path: str, seed: int, out: str, extra: tuple[st
     import yaml
 
     stage = "teacher" if name == "teacher" else ROWS[name][0]  # the stage's folder: teacher, student, lightgcn, mf
-    folder = Path(out) / f"{name}_seed{seed}" / stage
+    folder = row_folder(out, name, seed, teacher_seed) / stage
     if not (folder / "meta.json").exists() or not (folder / "config.yaml").exists():
         return None
     saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -98,20 +107,20 @@ def row_result(name: str, seed: int, meta: dict, train_s: float) -> dict:
 
 
 def run_row(name: str, data_path: str, seed: int, out: str, teacher_dir: str | None, threads: int,
-            extra: tuple[str, ...] = ()) -> dict:
+            extra: tuple[str, ...] = (), teacher_seed: int = 0) -> dict:
     import torch
 
     from promptmm_dist.data.formats import load_dataset
     from promptmm_dist.pipeline import student_stage, teacher_stage
     from promptmm_dist.train.teacher_checkpoint import load_teacher
 
-    done = finished_row(name, data_path, seed, out, extra)
+    done = finished_row(name, data_path, seed, out, extra, teacher_seed)
     if done is not None:
         return done
     torch.set_num_threads(threads)
     data = load_dataset(data_path)
     t0 = time.perf_counter()
-    folder = Path(out) / f"{name}_seed{seed}"
+    folder = row_folder(out, name, seed, teacher_seed)
     cfg = row_config(name, data_path, seed, extra)
     if name == "teacher":
         _, meta = teacher_stage(data, cfg, folder)
@@ -155,6 +164,8 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds for the other rows (ablations, mf)")
     ap.add_argument("--rows", default="mf,lightgcn,teacher,student,no_pair_kd,no_list_kd,no_emb_kd,"
                                       "frozen_prompt,dkd_list_kd")
+    ap.add_argument("--paired-teachers", action="store_true",
+                    help="student seed s distils teacher seed s (needs --teacher-seeds >= the student seeds)")
     ap.add_argument("--out", default="runs/report")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained in parallel (1 torch thread each)")
     ap.add_argument("--set", action="append", default=[], help="config override for every row")
@@ -170,7 +181,6 @@ def main() -> None:
     extra = (f"data.recipe={args.recipe or args.dataset}", *args.set)  # the recipe is chosen explicitly
     t0 = time.perf_counter()
     results: list[dict] = []
-    teacher_dir = args.teacher or str(out / "teacher_seed0")
     threads = 1 if args.jobs > 1 else 2
     if args.teacher:
         results.append(teacher_row(Path(args.teacher)))
@@ -178,16 +188,34 @@ def main() -> None:
         results.append(run_row("teacher", data_path, 0, str(out), None, 2, extra))
     if results:
         print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
-    jobs = [("teacher", s) for s in range(1, args.teacher_seeds) if "teacher" in names and not args.teacher]
-    jobs += [(n, s) for n in names if n != "teacher"
-             for s in range(args.seeds if n in HEADLINE else args.ablation_seeds)]
+    jobs = [(n, s) for n in names if n != "teacher"
+            for s in range(args.seeds if n in HEADLINE else args.ablation_seeds)]
+    paired = args.paired_teachers and not args.teacher
+    if paired and any(ROWS[n][0] == "student" and s >= args.teacher_seeds for n, s in jobs):
+        ap.error("--paired-teachers: every student seed needs a teacher seed (raise --teacher-seeds)")
+    students = any(ROWS[n][0] == "student" for n, _ in jobs)
+    teacher_jobs = [("teacher", s) for s in range(1, args.teacher_seeds)
+                    if not args.teacher and ("teacher" in names or (paired and students))]
+
+    def teacher_of(name: str, seed: int) -> int:
+        return seed if paired and ROWS.get(name, ("",))[0] == "student" else 0
+
+    def report(r: dict) -> None:
+        results.append(r)
+        print(f"{r['row']} seed {r['seed']}: test recall@20 {r['recall@20']:.4f} "
+              f"(val {r['val_recall@20']:.4f}, {r['train_s']:.0f}s)", flush=True)
+
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_row, n, data_path, s, str(out), teacher_dir, threads, extra) for n, s in jobs]
-        for f in futures:
-            results.append(f.result())
-            r = results[-1]
-            print(f"{r['row']} seed {r['seed']}: test recall@20 {r['recall@20']:.4f} "
-                  f"(val {r['val_recall@20']:.4f}, {r['train_s']:.0f}s)", flush=True)
+        # paired students need their teacher first; otherwise the teacher seeds run beside the rows
+        waves = [teacher_jobs, jobs] if paired else [teacher_jobs + jobs]
+        for wave in waves:
+            futures = []
+            for n, s in wave:
+                t = teacher_of(n, s)
+                tdir = args.teacher or str(out / f"teacher_seed{t}")
+                futures.append(pool.submit(run_row, n, data_path, s, str(out), tdir, threads, extra, t))
+            for f in futures:
+                report(f.result())
     rows = summarise(results)
     by = {r["row"]: r for r in rows}
     gain = None
@@ -201,10 +229,12 @@ def main() -> None:
     reused = sum(1 for r in results if r.get("reused"))
     table += (f"\n\ntraining time summed over all runs {sum(r['train_s'] for r in results):.0f}s; this invocation "
               f"{time.perf_counter() - t0:.0f}s wall ({reused} of {len(results)} runs read back from earlier invocations)")
+    if paired:
+        table += "\n\nstudent seed s distils teacher seed s (--paired-teachers)"
     if args.set:
         table += f"\n\noverrides for every row: {' '.join(args.set)}"
     emit(args.name or f"results_{args.dataset}", {"dataset": args.dataset, "rows": rows, "runs": results, "overrides": args.set,
-                                     "student_gain_over_lightgcn": gain}, table)
+                                     "student_gain_over_lightgcn": gain, "paired_teachers": paired}, table)
 
 
 if __name__ == "__main__":
