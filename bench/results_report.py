@@ -69,6 +69,11 @@ def _relevant(name: str, cfg: dict) -> dict:
     return keep
 
 
+def distils(name: str) -> bool:
+    """Whether a row trains a student from the teacher (the teacher row and baselines do not)."""
+    return ROWS.get(name, ("",))[0] == "student"
+
+
 def row_folder(out: str, name: str, seed: int, teacher_seed: int = 0) -> Path:
     """A row's run folder; a student distilled from another teacher seed than 0 gets its own."""
     suffix = f"_teacher{teacher_seed}" if teacher_seed and name != "teacher" else ""
@@ -184,21 +189,17 @@ def main() -> None:
     threads = 1 if args.jobs > 1 else 2
     if args.teacher:
         results.append(teacher_row(Path(args.teacher)))
-    elif "teacher" in names or any(ROWS.get(n, ("",))[0] == "student" for n in names):
+    elif "teacher" in names or any(distils(n) for n in names):
         results.append(run_row("teacher", data_path, 0, str(out), None, 2, extra))
     if results:
         print(f"teacher: test recall@20 {results[-1]['recall@20']:.4f}", flush=True)
     jobs = [(n, s) for n in names if n != "teacher"
             for s in range(args.seeds if n in HEADLINE else args.ablation_seeds)]
     paired = args.paired_teachers and not args.teacher
-    if paired and any(ROWS[n][0] == "student" and s >= args.teacher_seeds for n, s in jobs):
+    if paired and any(distils(n) and s >= args.teacher_seeds for n, s in jobs):
         ap.error("--paired-teachers: every student seed needs a teacher seed (raise --teacher-seeds)")
-    students = any(ROWS[n][0] == "student" for n, _ in jobs)
     teacher_jobs = [("teacher", s) for s in range(1, args.teacher_seeds)
-                    if not args.teacher and ("teacher" in names or (paired and students))]
-
-    def teacher_of(name: str, seed: int) -> int:
-        return seed if paired and ROWS.get(name, ("",))[0] == "student" else 0
+                    if not args.teacher and ("teacher" in names or (paired and any(distils(n) for n, _ in jobs)))]
 
     def report(r: dict) -> None:
         results.append(r)
@@ -211,7 +212,7 @@ def main() -> None:
         for wave in waves:
             futures = []
             for n, s in wave:
-                t = teacher_of(n, s)
+                t = s if paired and distils(n) else 0  # the teacher seed this row distils
                 tdir = args.teacher or str(out / f"teacher_seed{t}")
                 futures.append(pool.submit(run_row, n, data_path, s, str(out), tdir, threads, extra, t))
             for f in futures:
